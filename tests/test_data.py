@@ -1,0 +1,260 @@
+"""The Ray Data stream: exactly once across workers, an epoch's order a function of (seed, epoch),
+evaluation complete, bad records skipped and counted, S3 like local disk, clear errors."""
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from vgg_ray.data import (
+    SplitStream,
+    StreamConfig,
+    epoch_order,
+    load_manifest,
+    num_classes,
+    worker_pieces,
+)
+from vgg_ray.errors import ConfigError
+
+CLASSES = ["n01440764", "n01443537", "n01484850"]
+# Train: 83 rows (odd: one leftover row with 2 workers, two with 3) in row groups of up to 8.
+SPLITS = {"train": [45, 38], "val": [21], "corrupt": [10], "empty": []}
+CORRUPT = {"corrupt-0003", "corrupt-0007"}  # garbage bytes instead of a JPEG
+COLUMNS = ["image", "label", "key", "height", "width"]
+CONFIG = StreamConfig(scale=(32, 48), crop=32, eval_scale=40, shuffle_buffer=16, read_cpus=0.5)
+
+
+def _jpeg(rng: np.random.Generator, label: int) -> tuple[bytes, int, int]:
+    height, width = int(rng.integers(32, 64)), int(rng.integers(32, 64))
+    pixels = np.full((height, width, 3), 60 + 60 * label, np.uint8)
+    pixels += rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("L" if label == 2 else "RGB").save(buffer, "JPEG")
+    return buffer.getvalue(), height, width
+
+
+def write_shards(root: Path) -> Path:
+    """Shards + manifest.json in vgg_ray.prepare's format (vgg-ray-shards/1)."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, shard_rows in SPLITS.items():
+        shards, row = [], 0
+        for number, rows in enumerate(shard_rows):
+            records = []
+            for _ in range(rows):
+                key, label = f"{split}-{row:04d}", int(rng.integers(0, len(CLASSES)))
+                data, height, width = _jpeg(rng, label)
+                records.append((b"\x00garbage" if key in CORRUPT else data, label, key, height,
+                                width))  # fmt: skip
+                row += 1
+            table = pa.table(
+                dict(zip(COLUMNS, zip(*records, strict=True), strict=True)),
+                schema=pa.schema([("image", pa.binary()), ("label", pa.int32()),
+                                  ("key", pa.string()), ("height", pa.int32()),
+                                  ("width", pa.int32())]),
+            )  # fmt: skip
+            path = f"{split}/{split}-{number:05d}-0000abcd.parquet"
+            (root / split).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, root / path, row_group_size=8)
+            groups = [min(8, rows - start) for start in range(0, rows, 8)]
+            shards.append(
+                {"path": path, "rows": rows, "bytes": 0, "sha256": "", "row_groups": groups}
+            )
+        splits[split] = {"rows": sum(shard_rows), "bytes": 0, "shards": shards}
+    manifest = {
+        "format": "vgg-ray-shards/1",
+        "classes": [{"index": i, "wnid": w, "name": w} for i, w in enumerate(CLASSES)],
+        "splits": splits,
+        "rejected": [],
+        "converted": 0,
+        "stats": {"mean_rgb": [120.0, 115.0, 100.0], "eigval": [3000.0, 300.0, 30.0],
+                  "eigvec": np.eye(3).tolist(), "sample_size": 10},
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root / "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # 4 logical CPUs on 2 cores (DESIGN.md): otherwise Ray Data's tasks can starve.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def run(manifest, split="train", config=CONFIG, **kwargs):
+    """All batches of one worker's stream, as (images, labels, keys) concatenated, plus it."""
+    kwargs = {"epoch": 0, "batch_size": 8, **kwargs}
+    stream = SplitStream(manifest, split, config, **kwargs)
+    batches = list(stream.iter_batches())
+    assert len(batches) == len(stream)
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    return images, labels, [k for b in batches for k in b[2]], stream
+
+
+def test_plan_is_exactly_once_and_a_function_of_seed_and_epoch(shards):
+    manifest = load_manifest(str(shards))
+    assert num_classes(manifest) == 3 and manifest.rows("train") == 83
+    for world_size in (1, 2, 3):
+        order = epoch_order(manifest, "train", seed=0, epoch=1, training=True)
+        spans = [
+            worker_pieces(order, rank=r, world_size=world_size, training=True)
+            for r in range(world_size)
+        ]
+        rows = [{p.first_index + i for p in pieces for i in range(p.stop - p.start)}
+                for pieces, _ in spans]  # fmt: skip
+        assert {len(r) for r in rows} == {83 // world_size} == {n for _, n in spans}
+        assert len(set().union(*rows)) == 83 // world_size * world_size  # no overlap
+        # The leftover: the last 83 % N rows of this epoch's order.
+        last = order[-1]
+        leftover = {last.first_index + last.stop - 1 - i for i in range(83 % world_size)}
+        assert set().union(*rows) | leftover == set(range(83))
+    orders = {
+        (seed, epoch): [(p.path, p.row_group) for p in epoch_order(
+            manifest, "train", seed=seed, epoch=epoch, training=True)]
+        for seed in (0, 1) for epoch in (0, 1)
+    }  # fmt: skip
+    assert len({tuple(o) for o in orders.values()}) == 4
+    assert orders[(0, 0)] == [
+        (p.path, p.row_group)
+        for p in epoch_order(manifest, "train", seed=0, epoch=0, training=True)
+    ]
+
+
+def test_two_workers_read_every_row_exactly_once(shards, ray_cluster):
+    manifest = load_manifest(str(shards))
+    order = epoch_order(manifest, "train", seed=0, epoch=2, training=True)
+    results = [run(manifest, epoch=2, rank=r, world_size=2) for r in range(2)]
+    keys = [set(k) for _, _, k, _ in results]
+    assert [len(k) for _, _, k, _ in results] == [41, 41] and len(keys[0] | keys[1]) == 82
+    last = order[-1]  # the one leftover row: last in this epoch's order
+    assert keys[0] | keys[1] | {f"train-{last.first_index + last.stop - 1:04d}"} == {
+        f"train-{i:04d}" for i in range(83)
+    }
+    assert [len(s) for *_, s in results] == [6, 6]  # ceil(41 / 8): equal steps on both ranks
+    images, labels, batch_keys, stream = results[0]
+    assert images.shape == (41, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1, 2}
+    assert stream.rows == 41 and stream.skipped == 0
+    # Labels travel with their images: class c is grey level ~80 + 60c before the mean.
+    brightness = images.mean((1, 2, 3)) + torch.tensor([120.0, 115.0, 100.0]).mean()
+    assert (brightness[labels == 0] < 120).all() and (brightness[labels == 2] > 160).all()
+
+
+def test_epoch_is_a_function_of_seed_and_epoch(shards, ray_cluster):
+    manifest = load_manifest(str(shards))
+    first = run(manifest, epoch=1, rank=1, world_size=2)
+    again = run(manifest, epoch=1, rank=1, world_size=2)
+    assert first[2] == again[2]
+    torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)
+    assert first[2] != run(manifest, epoch=2, rank=1, world_size=2)[2]
+    other_seed = StreamConfig(**{**CONFIG.__dict__, "seed": 5})
+    assert first[2] != run(manifest, config=other_seed, epoch=1, rank=1, world_size=2)[2]
+
+
+def test_evaluation_covers_every_row_once(shards, ray_cluster):
+    manifest = load_manifest(str(shards))
+    results = [run(manifest, "val", rank=r, world_size=2, training=False) for r in range(2)]
+    keys = [k for _, _, k, _ in results]
+    assert [len(k) for k in keys] == [11, 10]  # np.array_split sizes: nothing dropped
+    assert sorted(keys[0] + keys[1]) == [f"val-{i:04d}" for i in range(21)]
+    assert keys[0] == sorted(keys[0])  # evaluation reads in manifest order, unshuffled
+    assert results[0][0].shape[1:] == (3, 32, 32)
+
+
+def test_bad_records_are_skipped_and_counted(shards, ray_cluster):
+    manifest = load_manifest(str(shards))
+    images, labels, keys, stream = run(manifest, "corrupt", batch_size=4)
+    assert stream.skipped == 2 and len(keys) == 10  # training: stand-ins keep batches full
+    assert not CORRUPT & set(keys) and torch.isfinite(images).all()
+    images, labels, keys, stream = run(manifest, "corrupt", batch_size=4, training=False)
+    assert stream.skipped == 2 and sorted(keys) == sorted(
+        f"corrupt-{i:04d}" for i in range(10) if f"corrupt-{i:04d}" not in CORRUPT
+    )
+    assert len(images) == len(labels) == 8
+
+
+def test_s3_round_trip(shards, ray_cluster, s3):
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
+                           region="us-east-1")  # fmt: skip
+    pafs.copy_files(str(shards.parent), f"{s3.bucket}/shards", destination_filesystem=fs)
+    manifest = load_manifest(s3.uri("shards"), s3_endpoint=s3.endpoint)
+    local = run(load_manifest(str(shards)), "val", training=False)
+    remote = run(manifest, "val", training=False)
+    assert remote[2] == local[2]
+    torch.testing.assert_close(remote[0], local[0], rtol=0, atol=0)
+
+
+def test_clear_errors(shards, tmp_path):
+    with pytest.raises(ConfigError, match="cannot read manifest"):
+        load_manifest(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="no manifest given"):
+        load_manifest("")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_manifest(str(tmp_path))
+    broken = json.loads(shards.read_text())
+    del broken["stats"]
+    (tmp_path / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(ConfigError, match="invalid manifest .* missing 'stats'"):
+        load_manifest(str(tmp_path))
+    manifest = load_manifest(str(shards))
+    with pytest.raises(ConfigError, match="no split 'test'"):
+        SplitStream(manifest, "test", CONFIG, epoch=0, batch_size=8)
+    with pytest.raises(ConfigError, match="'empty' .* has no rows"):
+        SplitStream(manifest, "empty", CONFIG, epoch=0, batch_size=8)
+    bad = {
+        "Smin <= Smax": {"scale": (48, 32)},
+        "larger than the smallest scale": {"crop": 40},
+        "larger than the eval scale": {"eval_scale": 24},
+        "unknown decode": {"decode": "tpu"},
+        "unknown normalize": {"normalize": "imagenet"},
+        "shuffle_buffer": {"shuffle_buffer": -1},
+    }
+    for message, change in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            StreamConfig(**{**CONFIG.__dict__, **change}).validate()
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        SplitStream(manifest, "val", StreamConfig(**{**CONFIG.__dict__, "decode": "gpu"}),
+                    epoch=0, batch_size=8, device="cpu")  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decode_path_matches_cpu_path(shards):
+    """decode "gpu": the task passes bytes, the worker decodes with nvjpeg and transforms on its
+    device; same rows, labels and (up to decoder rounding) pixels as the CPU path."""
+    from vgg_ray.data import _ReadSpec, read_pieces
+
+    manifest = load_manifest(str(shards))
+    gpu_config = StreamConfig(**{**CONFIG.__dict__, "decode": "gpu"})
+    for training in (True, False):
+        outputs = []
+        for config in (CONFIG, gpu_config):
+            stream = SplitStream(manifest, "corrupt", config, epoch=0, batch_size=10,
+                                 device="cuda", training=training)  # fmt: skip
+            columns = ("path", "row_group", "start", "stop", "first_index")
+            batch = {c: np.array([getattr(p, c) for p in stream.pieces]) for c in columns}
+            spec = _ReadSpec(manifest.uri, None, manifest.base, config.decode, stream.preset, 0)
+            outputs.append((*stream._finish(read_pieces(batch, spec=spec)), stream.skipped))
+        (cpu, cpu_labels, cpu_keys, cpu_skipped), (gpu, gpu_labels, gpu_keys, gpu_skipped) = outputs
+        assert gpu.is_cuda and gpu_labels.is_cuda and gpu_skipped == cpu_skipped == 2
+        assert gpu_keys == cpu_keys and torch.equal(gpu_labels, cpu_labels)
+        assert (gpu - cpu).abs().mean() < 1.0  # H200: 0.24 grey levels

@@ -1,0 +1,117 @@
+"""Training checkpoints: one `state.pt` per checkpoint directory, loaded with weights_only=True.
+
+A checkpoint holds everything a resume needs to continue exactly (model, optimizer, scheduler,
+epoch, step, batch within the epoch, RNG state, the metrics history) and what later jobs need to
+use the net without its run (arch, width, classes, the data statistics it was trained with).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgg_ray.errors import ConfigError
+from vgg_ray.models import VGG, build_vgg
+
+STATE_FILE = "state.pt"
+# What a net's state keeps of a training checkpoint when it travels with a logged or registered
+# model: the weights and what the test protocol needs (crop, scales, normalisation, mean RGB,
+# classes). The optimizer's momentum would double the upload (VGG-E: 550 MB of weights).
+NET_STATE_KEYS = ("arch", "width", "classes", "config", "data_stats", "model")
+# Where a logged MLflow model keeps that state (`log_model(extra_files=...)`), so loading the
+# model never needs to unpickle it.
+LOGGED_STATE = f"extra_files/{STATE_FILE}"
+
+
+def net_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint trimmed to the net (NET_STATE_KEYS)."""
+    return {key: state[key] for key in NET_STATE_KEYS if key in state}
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` into `directory` through a temporary file, so a crash mid-write never leaves
+    a truncated state.pt behind."""
+    path = Path(directory) / STATE_FILE
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+    return path
+
+
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(directory)
+    path = path / STATE_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {directory} (expected {STATE_FILE})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a corrupt or foreign file is the user's to fix, not a bug
+        raise ConfigError(f"cannot load checkpoint {path}: {error}".splitlines()[0]) from error
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_state(state: dict[str, Any]) -> VGG:
+    """Rebuild the net a checkpoint was trained as, with its weights."""
+    model = build_vgg(
+        state["arch"], num_classes=len(state["classes"]), width=state["width"], init="glorot"
+    )
+    model.load_state_dict(state["model"])
+    return model
+
+
+def load_logged_state(uri: str) -> dict[str, Any]:
+    """The weights-only state a vgg-ray model logged to MLflow carries (`runs:/<id>/model` or
+    `models:/name/version|@alias`), loaded with weights_only=True: a model is never unpickled."""
+    import mlflow.artifacts
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{uri.rstrip('/')}/{LOGGED_STATE}"
+        )
+    except Exception as error:
+        raise ConfigError(
+            f"cannot load {uri} from MLflow: no {LOGGED_STATE} in it (not a vgg-ray model, or "
+            f"unreachable): {str(error).splitlines()[0][:200]}"
+        ) from error
+    return load_state(local)
+
+
+def load_trained(source: str, *, s3_endpoint: str | None = None) -> tuple[VGG | None, dict]:
+    """Trained weights from a checkpoint (folder, state.pt or s3:// URI), an MLflow `models:/` or
+    `runs:/` URI, or a torchvision state_dict file. Returns (model or None, checkpoint state);
+    a torchvision state_dict gives (None, {"model": state_dict}) since it carries no arch."""
+    if source.startswith(("models:/", "runs:/")):
+        state = load_logged_state(source)
+        return model_from_state(state), state
+    if source.startswith("s3://"):
+        from vgg_ray.storage import open_storage
+
+        filesystem, path = open_storage(source, s3_endpoint=s3_endpoint)
+        with tempfile.TemporaryDirectory() as local:
+            name = STATE_FILE if not path.endswith(".pt") else Path(path).name
+            remote = path if path.endswith(".pt") else f"{path.rstrip('/')}/{STATE_FILE}"
+            with filesystem.open_input_stream(remote) as stream:
+                (Path(local) / name).write_bytes(stream.read())
+            state = load_state(Path(local) / name)
+    else:
+        state = load_state(source)
+    if "arch" in state:
+        return model_from_state(state), state
+    if all(isinstance(v, torch.Tensor) for v in state.values()):  # a torchvision state_dict
+        return None, {"model": state}
+    raise ConfigError(f"{source} is neither a vgg-ray checkpoint nor a state_dict")

@@ -1,0 +1,631 @@
+"""`vgg-ray`: one command line over the library. Each subcommand parses, builds a config and
+calls one function; user mistakes (`ConfigError`) print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vgg_ray.errors import ConfigError
+
+Command = Callable[[argparse.Namespace], int | None]
+EVAL_MODES = ("single", "dense", "multicrop", "dense+multicrop")  # vgg_ray.evaluate.MODES
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (no usage dump), still with exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _tracking_option(add: Callable) -> None:
+    add("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or local)")
+
+
+def _s3_option(add: Callable) -> None:
+    add("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
+
+
+def _actor_options(add: Callable) -> None:
+    """Where an evaluation runs: Ray Data's actor pool (evaluate, promote)."""
+    add("--max-images", type=int, help="only the split's first N images")
+    add("--actors", type=int, help="evaluation actors (default: one per GPU, else per 2 CPUs)")
+    add("--gpus-per-actor", type=float)
+    add("--cpus-per-actor", type=float)
+    add("--batch-size", type=int, help="images per batch sent to an actor (default 32)")
+
+
+def _scale(text: str) -> tuple[int, int]:
+    """ "256" (fixed S) or "256-512" / "256:512" (S jittered per image over the range)."""
+    try:
+        low, _, high = text.replace(":", "-").partition("-")
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a scale or range like 256 or 256-512: {text!r}"
+        ) from None
+
+
+def add_train_options(parser: argparse.ArgumentParser, *, arch: str | None = None) -> None:
+    """The options of `vgg-ray train` and of every jobs/train_*.py (where arch is fixed)."""
+    from vgg_ray.models import CONFIGS
+
+    add = parser.add_argument
+    if arch is None:
+        add("--arch", choices=list(CONFIGS), default="E", help="net of Table 1 (default E)")
+    add(
+        "--profile",
+        choices=["demo", "paper"],
+        help="demo: narrow net on generated data (default without --manifest); "
+        "paper: the paper's recipe at full size (default with --manifest)",
+    )
+    add("--config", metavar="YAML", help="options from a YAML file (e.g. a Tune search's best)")
+    add("--manifest", help="shards' manifest.json (local path or s3://...); default: demo data")
+    _s3_option(add)
+    add("--storage-path", help="checkpoints: local folder or s3://bucket/prefix")
+    add("--run-name", help="names the run; a stopped run continues with --resume")
+    add("--resume", action="store_true", help="continue the run named by --run-name")
+    add("--workers", type=int, help="Ray Train workers (one per GPU)")
+    add("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs")
+    add("--cpus-per-worker", type=float)
+    add("--epochs", type=int)
+    add("--global-batch", type=int, help="images per step over all workers (paper: 256)")
+    add("--grad-accum", type=int, help="micro-batches per step, where memory is short")
+    add("--lr", type=float, help="initial learning rate (paper: 0.01)")
+    add("--weight-decay", type=float)
+    add("--scale", type=_scale, help="training scale S: 256, 384 or a jitter range 256-512")
+    add("--eval-scale", type=int, help="validation scale Q")
+    add("--crop", type=int, help="training crop size (paper: 224)")
+    add("--width", type=float, help="multiplier on every layer's width (paper: 1)")
+    add(
+        "--init",
+        help="paper | glorot | trained net A checkpoint | models:/ URI | "
+        "torchvision state_dict file",
+    )
+    add("--decode", choices=["cpu", "gpu"], help="where JPEGs are decoded (gpu: nvjpeg)")
+    add("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on GPU)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    add("--seed", type=int)
+    add("--checkpoint-every-steps", type=int, help="also checkpoint inside epochs")
+    add("--keep-best", type=int, help="checkpoints kept by val top-5 error (besides the latest)")
+    add("--max-failures", type=int, help="worker failures recovered from (default 3)")
+    _tracking_option(add)
+    add("--experiment", help="MLflow experiment (default vgg-ray)")
+
+
+_DATA_OPTIONS = {"manifest", "s3_endpoint", "scale", "eval_scale", "crop", "decode", "seed"}
+_LOOP_OPTIONS = {
+    "arch",
+    "run_name",
+    "workers",
+    "gpus_per_worker",
+    "cpus_per_worker",
+    "epochs",
+    "global_batch",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "width",
+    "init",
+    "bf16",
+    "compile",
+    "seed",
+    "checkpoint_every_steps",
+    "keep_best",
+    "max_failures",
+    "tracking_uri",
+    "experiment",
+    "storage_path",
+}
+
+
+def train_config(args: argparse.Namespace):
+    """Profile, then YAML file, then each option given on the command line."""
+    from dataclasses import replace
+
+    import yaml
+
+    from vgg_ray.config import PROFILES, TrainConfig
+
+    arch = getattr(args, "arch", None) or "E"
+    profile = args.profile or ("paper" if args.manifest else "demo")
+    config = PROFILES[profile](arch)
+    if args.config:
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read {args.config}: {error}".splitlines()[0]) from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of training options")
+        merged = config.to_dict()
+        merged.update({k: v for k, v in values.items() if k != "data"})
+        merged["data"].update(values.get("data") or {})
+        config = TrainConfig.from_dict(merged)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    data = replace(config.data, **{k: given[k] for k in _DATA_OPTIONS if k in given})
+    config = replace(config, data=data, **{k: given[k] for k in _LOOP_OPTIONS if k in given})
+    if not config.data.manifest:
+        from vgg_ray.demo import ensure_demo_shards
+
+        print("vgg-ray: no --manifest given: using the generated demo data set", flush=True)
+        config = replace(config, data=replace(config.data, manifest=ensure_demo_shards()))
+    return config.validate()
+
+
+def _train(args: argparse.Namespace) -> None:
+    from vgg_ray.train import train
+
+    train(train_config(args), resume=args.resume)
+
+
+def train_main(argv: Sequence[str], *, arch: str) -> int:
+    """Entry point of jobs/train_<arch>.py: `vgg-ray train --arch <arch>`."""
+    parser = Parser(
+        prog=f"train_{arch.replace('-', '_')}.py",
+        description=f"Train VGG net {arch} (Simonyan & Zisserman 2015) on Ray.",
+    )
+    add_train_options(parser, arch=arch)
+    args = parser.parse_args(argv)
+    args.arch, args.command, args.run = arch, "train", _train
+    return _dispatch(args)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from vgg_ray.models import CONFIGS, summarize
+
+    print(f"{'net':<6} {'weight layers':>13} {'parameters':>13} {'GMACs @224':>11}")
+    for name in CONFIGS:
+        net = summarize(name)
+        print(
+            f"{net.name:<6} {net.weight_layers:>13} {net.parameters:>13,} "
+            f"{net.forward_macs / 1e9:>11.2f}"
+        )
+
+
+def _size(text: str) -> int:
+    """ "256MB", "1GB", "512KiB" or plain bytes; K/M/G are powers of 1024."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        return int(float(number.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size like 256MB: {text!r}") from None
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from vgg_ray.prepare import PrepareConfig, prepare
+
+    options = {k: v for k, v in vars(args).items() if v is not None}
+    fields = PrepareConfig.__dataclass_fields__
+    config = PrepareConfig(**{k: v for k, v in options.items() if k in fields})
+    print(f"prepared {prepare(config).line()}")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from vgg_ray.data import load_manifest, verify_shards
+
+    manifest = load_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
+    problems = verify_shards(manifest)
+    shards = sum(len(shards) for shards in manifest.splits.values())
+    if problems:
+        raise ConfigError(f"{len(problems)} of {shards} shards do not match the manifest: "
+                          + "; ".join(problems))  # fmt: skip
+    print(f"all {shards} shards of {manifest.uri} match their size and sha256")
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from vgg_ray.demo import NAMES_FILE, make_demo_tree
+
+    root = make_demo_tree(
+        args.dest,
+        classes=args.classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        seed=args.seed,
+        oddities=args.oddities,
+    )
+    print(
+        f"wrote a demo ImageNet tree to {root}; try: vgg-ray prepare {root} {root}-shards "
+        f"--class-names {root / NAMES_FILE}"
+    )
+
+
+def _stack(args: argparse.Namespace) -> int | None:
+    from vgg_ray import stack
+
+    state_dir = Path(args.state_dir) if args.state_dir else stack.default_state_dir()
+    if args.action == "up":
+        options = {k: v for k, v in vars(args).items() if v is not None}
+        fields = stack.StackConfig.__dataclass_fields__
+        config = stack.StackConfig(
+            **{k: v for k, v in options.items() if k in fields and k != "state_dir"},
+            state_dir=state_dir,
+        )
+        already = stack.load(state_dir) is not None
+        if not already:
+            print(f"vgg-ray stack: starting in {state_dir} (logs in logs/) ...", file=sys.stderr)
+        # The exports go to stdout alone, so `eval "$(vgg-ray stack up)"` works.
+        print(stack.up(config).exports(), end="", flush=True)
+        print(
+            f"vgg-ray stack: {'already ' if already else ''}up; `vgg-ray stack down` stops it",
+            file=sys.stderr,
+        )
+    elif args.action == "down":
+        stopped = stack.down(state_dir)
+        print(f"vgg-ray stack: stopped {', '.join(stopped)}" if stopped else "no stack running")
+    elif args.action == "status":
+        alive = stack.status(state_dir)
+        for name, up in alive.items():
+            print(f"{name:<7} {'up' if up else 'DOWN'}")
+        if not alive:
+            print(f"no stack recorded in {state_dir}")
+        return 0 if alive and all(alive.values()) else 1
+    else:
+        running = stack.load(state_dir)
+        if running is None:
+            raise ConfigError(f"no stack recorded in {state_dir}; run `vgg-ray stack up`")
+        print(running.exports(), end="")
+
+
+def _scale_set(text: str) -> tuple[int, ...]:
+    """ "384" or "256,384,512": one set of test scales Q."""
+    try:
+        return tuple(int(q) for q in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not scales like 384 or 256,384,512: {text!r}") from None
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from vgg_ray.evaluate_job import EvaluateConfig, evaluate
+
+    options = {k: v for k, v in vars(args).items() if v is not None}
+    for name in ("models", "modes", "scales"):
+        if name in options:
+            options[name] = tuple(options[name])
+    fields = EvaluateConfig.__dataclass_fields__
+    evaluate(EvaluateConfig(**{k: v for k, v in options.items() if k in fields}))
+
+
+def _register(args: argparse.Namespace) -> None:
+    from vgg_ray.registry import RegisterConfig, register_runs
+
+    register_runs(RegisterConfig(runs=tuple(args.runs or ()), name=args.name or "",
+                                 tracking_uri=args.tracking_uri or "",
+                                 s3_endpoint=args.s3_endpoint))  # fmt: skip
+
+
+def _register_ensemble(args: argparse.Namespace) -> None:
+    from vgg_ray.registry import EnsembleConfig, register_ensemble
+
+    options = {k: v for k, v in vars(args).items() if v is not None}
+    for name in ("members", "scales"):
+        if name in options:
+            options[name] = tuple(options[name])
+    fields = EnsembleConfig.__dataclass_fields__
+    register_ensemble(EnsembleConfig(**{k: v for k, v in options.items() if k in fields}))
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from vgg_ray.registry import PromoteConfig, promote
+
+    options = {k: v for k, v in vars(args).items() if v is not None}
+    if "scales" in options:
+        options["scales"] = tuple(options["scales"])
+    fields = PromoteConfig.__dataclass_fields__
+    decision = promote(PromoteConfig(**{k: v for k, v in options.items() if k in fields}))
+    return 0 if decision.promoted else 1  # a refusal is an answer, but scripts must see it
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    from vgg_ray.registry import rollback
+
+    rollback(args.name, tracking_uri=args.tracking_uri or "")
+
+
+def _range(text: str) -> tuple[float, float]:
+    """ "0.01" (fixed) or "1e-3:1e-1" (sampled log-uniformly)."""
+    try:
+        low, _, high = text.partition(":")
+        return float(low), float(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a value or range like 1e-3:1e-1: {text!r}") from None
+
+
+def _choices(kind: type) -> Callable[[str], tuple]:
+    """ "a,b,c": a choice of values."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list like a,b,c: {text!r}") from None
+
+    return parse
+
+
+def add_tune_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `vgg-ray tune` and jobs/tune_schedule.py."""
+    from vgg_ray.models import CONFIGS
+
+    add = parser.add_argument
+    add("--profile", choices=["demo", "paper"],
+        help="demo: 4 small trials on generated data (default without --manifest); paper: "
+        "around the paper's recipe at full size (default with --manifest)")  # fmt: skip
+    add("--config", metavar="YAML", help="search options from a YAML file (docs/tune.md)")
+    add("--arch", choices=list(CONFIGS), help="net of Table 1 (default A)")
+    add("--manifest", help="shards' manifest.json (local path or s3://...); default: demo data")
+    _s3_option(add)
+    add("--scheduler", help="asha (default) or pbt")
+    add("--num-samples", type=int, help="trials (PBT: population size)")
+    add("--epochs", type=int, help="epochs per trial")
+    add("--lr", type=_range, metavar="LOW:HIGH", help="initial lr range (log scale) or value")
+    add("--weight-decay", type=_range, metavar="LOW:HIGH", help="range (log scale) or value")
+    add("--schedule", type=_choices(str), metavar="A,B", help="schedule families to try: "
+        "plateau, step, cosine, warmup_cosine")  # fmt: skip
+    add("--lr-factor", type=_choices(float), metavar="F,G", help="decay factors to try")
+    add("--lr-patience", type=_choices(int), metavar="P,Q", help="plateau patiences to try")
+    add("--global-batch", type=_choices(int), metavar="B,C", help="global batch sizes to try")
+    add("--workers", type=int, help="Ray Train workers per trial (one per GPU)")
+    add("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs")
+    add("--cpus-per-worker", type=float)
+    add("--max-concurrent-trials", type=int, help="default: what the cluster's resources hold")
+    add("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    add("--reduction-factor", type=float, help="ASHA: 1/factor of the trials go on per rung")
+    add("--perturbation-interval", type=int, help="PBT: epochs between perturbations")
+    add("--max-failures", dest="trial_max_failures", type=int,
+        help="restarts of a failed trial (default 2)")  # fmt: skip
+    add("--seed", type=int, help="seeds the sampling of trials")
+    add("--name", help="names the search; an interrupted one continues with --resume")
+    add("--resume", action="store_true", help="continue the search named by --name")
+    add("--storage-path", help="Tune's experiment and trial checkpoints: folder or s3://...")
+    add("--tracking-uri", help="MLflow server (http://...) or sqlite:/// database (served by a "
+        "local mlflow server for the search); default: MLFLOW_TRACKING_URI or local")  # fmt: skip
+    add("--experiment", help="MLflow experiment (default vgg-ray)")
+    add("--best-config", help="where to write the best config (YAML for train --config)")
+
+
+_SEARCH_OPTIONS = {"scheduler", "num_samples", "max_concurrent_trials", "grace_period",
+                   "reduction_factor", "perturbation_interval", "trial_max_failures", "name",
+                   "storage_path", "best_config"}  # fmt: skip
+_SPACE_OPTIONS = {"lr", "weight_decay", "schedule", "lr_factor", "lr_patience", "global_batch"}
+_SEARCH_TRAIN_OPTIONS = {"arch", "epochs", "workers", "gpus_per_worker", "cpus_per_worker",
+                         "tracking_uri", "experiment"}  # fmt: skip
+
+
+def search_config(args: argparse.Namespace):
+    """Profile, then YAML file, then each option given on the command line."""
+    from dataclasses import replace
+
+    import yaml
+
+    from vgg_ray.tune import PROFILES, SearchConfig
+
+    profile = args.profile or ("paper" if args.manifest else "demo")
+    config = PROFILES[profile](args.arch or "A")
+    if args.config:
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read {args.config}: {error}".splitlines()[0]) from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of search options")
+        config = SearchConfig.from_dict(values, config)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    train = config.train
+    data = replace(train.data, **{k: given[k] for k in ("manifest", "s3_endpoint") if k in given})
+    train = replace(train, data=data, **{k: given[k] for k in _SEARCH_TRAIN_OPTIONS if k in given})
+    if "seed" in given:
+        config = replace(config, seed=given["seed"])
+    config = replace(
+        config,
+        train=train,
+        space=replace(config.space, **{k: given[k] for k in _SPACE_OPTIONS if k in given}),
+        **{k: given[k] for k in _SEARCH_OPTIONS if k in given},
+    )
+    if not config.train.data.manifest:
+        from vgg_ray.demo import ensure_demo_shards
+
+        print("vgg-ray: no --manifest given: using the generated demo data set", flush=True)
+        manifest = ensure_demo_shards()
+        config = replace(config, train=replace(train, data=replace(data, manifest=manifest)))
+    return config.validate()
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from vgg_ray.tune import search
+
+    search(search_config(args), resume=args.resume)
+
+
+def tune_main(argv: Sequence[str]) -> int:
+    """Entry point of jobs/tune_schedule.py: `vgg-ray tune`."""
+    parser = Parser(
+        prog="tune_schedule.py",
+        description="Search learning-rate schedules for a VGG net with Ray Tune.",
+    )
+    add_tune_options(parser)
+    args = parser.parse_args(argv)
+    args.command, args.run = "tune", _tune
+    return _dispatch(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="vgg-ray", description="Train and evaluate the VGG family on Ray.")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
+
+    train = commands.add_parser("train", help="train a net on Ray (the paper's recipe)")
+    add_train_options(train)
+    train.set_defaults(run=_train)
+
+    models = commands.add_parser("models", help="the six nets of Table 1: layers, size, cost")
+    models.set_defaults(run=_models)
+
+    prepare = commands.add_parser(
+        "prepare", help="an ImageNet-style tree into Parquet shards + manifest (docs/data.md)"
+    )
+    add = prepare.add_argument
+    add("src", help="folder holding train/<wnid>/*.JPEG and optionally val/")
+    add("dest", help="output folder or s3://bucket/prefix")
+    add("--val-labels", metavar="FILE", help="labels for flat val/: LOC_val_solution.csv "
+        "or 'filename wnid' lines")  # fmt: skip
+    add("--class-names", metavar="FILE", help="LOC_synset_mapping.txt-style class names")
+    _s3_option(add)
+    add("--shard-size", type=_size, help="target shard size (default 256MB)")
+    add("--row-group-rows", type=int, help="rows per Parquet row group (default 256)")
+    add("--workers", type=int, help="worker processes (default: CPU count)")
+    add("--seed", type=int, help="shuffle and stats-sample seed (default 0)")
+    add("--stats-sample", type=int, help="images for mean RGB and PCA (default 10000)")
+    add("--no-progress", dest="progress", action="store_false", default=None)
+    prepare.set_defaults(run=_prepare)
+
+    verify = commands.add_parser(
+        "verify", help="check every shard's size and sha256 against the manifest"
+    )
+    verify.add_argument("manifest", help="manifest.json or its folder (local or s3://)")
+    verify.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    verify.set_defaults(run=_verify)
+
+    demo = commands.add_parser("demo-data", help="write the small generated demo tree")
+    demo.add_argument("dest", help="folder to write train/, val/ and class names into")
+    demo.add_argument("--classes", type=int, default=4)
+    demo.add_argument("--train-per-class", type=int, default=100)
+    demo.add_argument("--val-per-class", type=int, default=25)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--oddities", action="store_true", help="add CMYK, PNG, truncated, ...")
+    demo.set_defaults(run=_demo_data)
+
+    stack = commands.add_parser(
+        "stack", help="one-machine Ray head + S3 endpoint + MLflow server (docs/cluster.md)"
+    )
+    add = stack.add_argument
+    add("action", choices=["up", "down", "status", "env"])
+    add("--state-dir", help="pids, logs, MLflow database (default: $VGG_RAY_HOME/stack)")
+    add("--s3-port", type=int, help="S3 endpoint (default 9000)")
+    add("--mlflow-port", type=int, help="MLflow server (default 5000)")
+    add("--ray-port", type=int, help="Ray GCS (default 6379)")
+    add("--dashboard-port", type=int, help="Ray dashboard and job API (default 8265)")
+    add("--client-port", type=int, help="Ray Client server (default 10001)")
+    add("--agent-port", type=int, help="Ray dashboard agent (default 52365)")
+    add("--num-cpus", type=int, help="logical CPUs of the Ray head (default: at least 4)")
+    add("--bucket", help="bucket created on the S3 endpoint (default vgg-ray)")
+    add("--no-token-auth", dest="token_auth", action="store_false", default=None,
+        help="Ray without token authentication (loopback only anyway)")  # fmt: skip
+    stack.set_defaults(run=_stack)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="the paper's test protocol: dense, multi-crop, multi-scale, ensembles"
+    )
+    add = evaluate.add_argument
+    add("--model", dest="models", action="append", metavar="SOURCE",
+        help="checkpoint (folder, state.pt, s3://), runs:/<id>, run id, models:/name/version or "
+        "models:/name@alias; repeat for an ensemble")  # fmt: skip
+    add("--manifest", help="shards' manifest (default: the data the first model trained on)")
+    add("--split", help="split to evaluate (default val)")
+    add("--mode", dest="modes", action="append", choices=list(EVAL_MODES),
+        help="repeatable; default: all four")  # fmt: skip
+    add("--scales", action="append", type=_scale_set, metavar="Q[,Q...]",
+        help="test scales, e.g. 256,384,512; repeatable; default: the paper's per net")  # fmt: skip
+    add("--no-members", dest="members", action="store_false", default=None,
+        help="with several models, only the ensemble's rows")  # fmt: skip
+    _actor_options(add)
+    add("--max-crops", type=int, help="inputs per forward pass (memory only; default 64)")
+    add("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on GPU)")
+    _s3_option(add)
+    _tracking_option(add)
+    add("--experiment", help="MLflow experiment for new evaluation runs (default vgg-ray)")
+    add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None)
+    add("--output", help="folder for table.md, table.csv, per_class.csv")
+    add("--progress-every", type=int, help="a progress line every N images (default 1000)")
+    evaluate.set_defaults(run=_evaluate)
+
+    tune = commands.add_parser("tune", help="search lr schedules with Ray Tune (docs/tune.md)")
+    add_tune_options(tune)
+    tune.set_defaults(run=_tune)
+
+    register = commands.add_parser(
+        "register", help="register trained nets from their MLflow runs (docs/registry.md)"
+    )
+    add = register.add_argument
+    add("--run", dest="runs", action="append", metavar="RUN",
+        help="training run id or runs:/<id>; repeatable")  # fmt: skip
+    add("--name", help="registered model name (default: vgg-<arch> per run)")
+    _tracking_option(add)
+    add("--s3-endpoint", help="S3-compatible endpoint URL, for a manifest on S3")
+    register.set_defaults(run=_register)
+
+    ensemble = commands.add_parser(
+        "register-ensemble", help="register an ensemble (D+E, Table 6) as one pyfunc model"
+    )
+    add = ensemble.add_argument
+    add("--member", dest="members", action="append", metavar="SOURCE",
+        help="models:/vgg-D@champion, models:/vgg-D/3, runs:/<id>, run id or checkpoint; "
+        "repeatable")  # fmt: skip
+    add("--name", help="registered model name (default: vgg-<archs>, e.g. vgg-DE)")
+    add("--mode", choices=list(EVAL_MODES), help="default predict mode (default single)")
+    add("--scales", type=_scale_set, metavar="Q[,Q...]",
+        help="default predict test scales (default: the paper's per net)")  # fmt: skip
+    add("--experiment", help="MLflow experiment when no member has a run (default vgg-ray)")
+    _tracking_option(add)
+    _s3_option(add)
+    ensemble.set_defaults(run=_register_ensemble)
+
+    promote = commands.add_parser(
+        "promote", help="evaluate @challenger vs @champion; move @champion only if better"
+    )
+    add = promote.add_argument
+    add("name", help="registered model, e.g. vgg-DE")
+    add("--manifest", help="held-out data (default: the data the challenger was trained on)")
+    add("--split", help="split to compare on (default val)")
+    add("--mode", choices=list(EVAL_MODES), help="evaluation mode of both (default dense)")
+    add("--scales", type=_scale_set, metavar="Q[,Q...]",
+        help="test scales for both (default: the paper's per net)")  # fmt: skip
+    add("--margin", type=float,
+        help="top-5 error the challenger must win by, a fraction (default 0)")  # fmt: skip
+    _actor_options(add)
+    add("--no-mlflow", dest="log_evaluations", action="store_false", default=None,
+        help="do not log the evaluations' tables to MLflow (evidence tags still are)")  # fmt: skip
+    _tracking_option(add)
+    _s3_option(add)
+    promote.set_defaults(run=_promote)
+
+    rollback = commands.add_parser(
+        "rollback", help="move @champion back to the version it replaced"
+    )
+    rollback.add_argument("name", help="registered model, e.g. vgg-DE")
+    _tracking_option(rollback.add_argument)
+    rollback.set_defaults(run=_rollback)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    # A fresh SQLite store announces its table creation on stderr; an error must stay one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error already printed as one line
+        return exit.code if isinstance(exit.code, int) else 2
+    return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
+        return args.run(args) or 0
+    except ConfigError as error:
+        print(f"vgg-ray {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vgg-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,588 @@
+"""Stream a split's shards into Ray Train workers: deterministic, exactly once, equal per rank.
+
+Why not `Dataset.streaming_split`: it hands blocks to workers as they ask for them, so what a
+worker sees in an epoch depends on timing, not on (seed, epoch). Here every worker plans its own
+epoch from the manifest alone:
+
+1. The epoch's global order: the split's (shard, row group) pieces permuted by a generator seeded
+   by (seed, epoch), their rows concatenated (rows were shuffled across classes at prepare time).
+2. Training, N workers: rank r takes the positions [r*k, (r+1)*k), k = rows // N. The rows % N
+   (< N) rows at the end of the order are skipped this epoch; the order changes every epoch, so
+   a different few each time. Every rank thus has the same rows and batches: DDP needs equal
+   step counts. Evaluation drops nothing: np.array_split sizes (ranks differ by at most one
+   row), and the caller all-reduces its counts.
+3. A Ray Dataset over that worker's pieces (`from_items`, order preserved): each read task reads
+   one row group with pyarrow from local disk or S3, then either decodes and crops it (decode
+   "cpu": uint8 crops leave the task, 4x smaller than float) or passes the JPEG bytes through
+   (decode "gpu": the worker decodes them with nvjpeg on its GPU). Either way the same
+   `vgg_ray.transforms` preset runs, with each image's draws seeded by (seed, epoch, row index).
+4. `iter_batches` with a local shuffle buffer seeded by (seed, epoch, rank); the worker finishes
+   the batch on its device (colour shift, mean, float).
+
+A record that fails to decode, or whose label is not a class of the manifest, is skipped and
+counted (`SplitStream.skipped`), never fatal. A shard that is not what the manifest says (another
+size, unreadable Parquet, a page checksum that fails) stops the run with an error naming it;
+`verify_shards` (`vgg-ray verify`) checks every shard's sha256. Reads wait out a storage outage
+(`vgg_ray.storage.retry_transient`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import posixpath
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from vgg_ray.errors import ConfigError
+from vgg_ray.storage import (
+    StorageUnreachable,
+    is_transient,
+    open_storage,
+    retry_transient,
+    storage_errors,
+)
+from vgg_ray.transforms import (
+    ColorStats,
+    EvalPreset,
+    Prepared,
+    TrainingPreset,
+    decode_cpu,
+    decode_gpu,
+    to_float,
+)
+
+MANIFEST_NAME = "manifest.json"
+DECODERS = ("cpu", "gpu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """Where a run's shards are and how they become the net's input (the paper's recipe)."""
+
+    manifest: str = ""
+    """The shards' manifest.json, or the folder holding it: a local path or s3://bucket/prefix."""
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint (http://host:port) for s3:// URIs; None: AWS_ENDPOINT_URL[_S3]
+    or AWS itself."""
+    scale: tuple[int, int] = (256, 512)
+    """Training scale (Smin, Smax): S per image uniform in [Smin, Smax] ("scale jittering",
+    Sect. 3.1); Smin = Smax trains at the fixed scale S."""
+    crop: int = 224
+    """Side of the square crop fed to the net (224 in the paper)."""
+    eval_scale: int = 256
+    """Q, the evaluation scale: smaller side before the centre crop (Sect. 3.2)."""
+    color_shift_std: float = 0.1
+    """Std of AlexNet's PCA colour shift multipliers alpha_i; 0 turns the shift off."""
+    normalize: str = "paper"
+    """"paper" (0..255 minus mean RGB) or "torchvision" (ImageNet mean/std on 0..1)."""
+    decode: str = "cpu"
+    """Where JPEGs are decoded: "cpu" in Ray Data tasks, or "gpu" with nvjpeg on the training
+    worker's device (the tasks then only read bytes; needs a CUDA device)."""
+    shuffle_buffer: int = 4096
+    """Rows in each worker's local shuffle buffer (0: none), on top of the per-epoch permutation
+    of row groups. Memory: about 150 KB a row at crop 224 (uint8 crops or JPEG bytes)."""
+    seed: int = 0
+    """Fixes every epoch's order and every image's augmentation."""
+    prefetch_batches: int = 2
+    """Batches each worker prepares ahead of the one it is training on."""
+    read_cpus: float = 1.0
+    """Logical CPUs each read/decode task reserves. Inside Ray Train workers that hold the
+    node's CPUs, lower it (e.g. 0.5) or give the cluster more logical CPUs than cores, or
+    the tasks never get scheduled."""
+
+    def validate(self) -> StreamConfig:
+        """Raise ConfigError for the first problem found; return self for chaining."""
+        # The presets check the recipe (scales, crop, colour shift, normalisation).
+        self.training_preset(ColorStats())
+        self.eval_preset(ColorStats())
+        checks = [
+            (self.decode in DECODERS,
+             f"unknown decode {self.decode!r}; choose one of {', '.join(DECODERS)}"),
+            (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.prefetch_batches >= 0, "prefetch_batches must be >= 0"),
+            (self.read_cpus > 0, f"read_cpus must be > 0, got {self.read_cpus}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def training_preset(self, stats: ColorStats) -> TrainingPreset:
+        return TrainingPreset(
+            scale=(int(self.scale[0]), int(self.scale[1])), crop=self.crop,
+            color_shift_std=self.color_shift_std, normalize=self.normalize, stats=stats,
+            seed=self.seed,
+        )  # fmt: skip
+
+    def eval_preset(self, stats: ColorStats) -> EvalPreset:
+        return EvalPreset(
+            scale=self.eval_scale, crop=self.crop, normalize=self.normalize, stats=stats
+        )
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One Parquet file of a split."""
+
+    path: str  # relative to the manifest's folder
+    rows: int
+    row_groups: tuple[int, ...]  # rows in each row group
+    first_index: int  # the split's row index of its first row (shards in manifest order)
+    bytes: int = 0  # file size; 0: unknown (not checked)
+    sha256: str = ""  # of the whole file; "": unknown
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class; `index` is the label stored in the shards."""
+
+    index: int
+    wnid: str  # WordNet id, e.g. n01440764
+    name: str  # readable, e.g. "tench"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A prepared data set: what `vgg_ray.prepare` wrote to manifest.json."""
+
+    uri: str  # of manifest.json itself
+    s3_endpoint: str | None
+    base: str  # its folder, as a path on its filesystem (no scheme)
+    classes: tuple[ClassInfo, ...]  # by index
+    splits: Mapping[str, tuple[Shard, ...]] = field(repr=False)
+    stats: ColorStats
+
+    def shards(self, split: str) -> tuple[Shard, ...]:
+        """The split's shards; ConfigError for an unknown or empty split."""
+        if split not in self.splits:
+            known = ", ".join(sorted(self.splits)) or "none"
+            raise ConfigError(f"manifest {self.uri} has no split {split!r} (it has: {known})")
+        if not any(shard.rows for shard in self.splits[split]):
+            raise ConfigError(f"split {split!r} of manifest {self.uri} has no rows")
+        return self.splits[split]
+
+    @property
+    def wnids(self) -> tuple[str, ...]:
+        return tuple(c.wnid for c in self.classes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.classes)
+
+    def rows(self, split: str) -> int:
+        return sum(shard.rows for shard in self.shards(split))
+
+
+def num_classes(manifest: Manifest) -> int:
+    return len(manifest.classes)
+
+
+def shard_sizes(manifest: Manifest) -> dict[str, int]:
+    """Shard path -> size in bytes, for the shards whose size the manifest records."""
+    return {s.path: s.bytes for shards in manifest.splits.values() for s in shards if s.bytes}
+
+
+def verify_shards(manifest: Manifest) -> list[str]:
+    """Hash every shard and compare it with the manifest: one line per shard that is missing,
+    of another size or whose sha256 differs (empty: all good). Reads the whole data set."""
+    import hashlib
+
+    filesystem, _ = open_storage(manifest.uri, s3_endpoint=manifest.s3_endpoint)
+    problems = []
+    for shards in manifest.splits.values():
+        for shard in shards:
+            path = f"{manifest.base}/{shard.path}"
+
+            def digest(path: str = path) -> tuple[int, str]:
+                sha, size = hashlib.sha256(), 0
+                with (
+                    storage_errors(path, manifest.s3_endpoint),
+                    filesystem.open_input_stream(path) as stream,
+                ):
+                    while chunk := stream.read(8 * 2**20):
+                        sha.update(chunk)
+                        size += len(chunk)
+                return size, sha.hexdigest()
+
+            try:
+                size, sha256 = retry_transient(digest, what=f"reading shard {shard.path}")
+            except StorageUnreachable:
+                raise
+            except ConfigError:  # missing, or not readable at all
+                problems.append(f"{shard.path}: missing or unreadable")
+                continue
+            if shard.bytes and size != shard.bytes:
+                problems.append(f"{shard.path}: {size} bytes, the manifest says {shard.bytes}")
+            elif shard.sha256 and sha256 != shard.sha256:
+                problems.append(f"{shard.path}: sha256 does not match the manifest")
+    return problems
+
+
+def _check_shard_path(path: str) -> None:
+    """Shard paths are relative to the manifest's folder and stay inside it: a manifest from
+    elsewhere must not make readers open (or `verify` hash) any other file."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"shard path {path!r} is not a relative file path")
+    normal = posixpath.normpath(path.replace("\\", "/"))
+    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or ":" in path:
+        raise ValueError(f"shard path {path!r} leaves the manifest's folder")
+
+
+def _manifest_uri(uri: str) -> str:
+    return uri if uri.endswith(".json") else uri.rstrip("/") + "/" + MANIFEST_NAME
+
+
+def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> Manifest:
+    """Read manifest.json at `uri` (the file, or the folder holding it; local or s3://)."""
+    if not uri:
+        raise ConfigError("no manifest given: set the data's manifest (a folder or s3:// URI)")
+    from vgg_ray.prepare import read_manifest
+
+    raw = read_manifest(uri, s3_endpoint=s3_endpoint)  # JSON of the right format, or ConfigError
+    uri = _manifest_uri(uri)
+    _, path = open_storage(uri, s3_endpoint=s3_endpoint)
+    try:
+        classes = sorted(raw["classes"], key=lambda c: c["index"])
+        if [c["index"] for c in classes] != list(range(len(classes))) or not classes:
+            raise ValueError("class indices are not 0..n-1")
+        infos = tuple(ClassInfo(c["index"], c["wnid"], c.get("name", c["wnid"])) for c in classes)
+        splits = {}
+        for name, split in raw["splits"].items():
+            shards, first = [], 0
+            for shard in split["shards"]:
+                groups = tuple(int(n) for n in shard["row_groups"])
+                if sum(groups) != shard["rows"]:
+                    raise ValueError(f"{shard['path']}: row groups do not add up to its rows")
+                _check_shard_path(shard["path"])
+                size, sha256 = int(shard.get("bytes") or 0), shard.get("sha256") or ""
+                shards.append(Shard(shard["path"], int(shard["rows"]), groups, first, size, sha256))
+                first += shard["rows"]
+            splits[name] = tuple(shards)
+        stats = raw["stats"]
+        color = ColorStats(
+            mean_rgb=tuple(float(v) for v in stats["mean_rgb"]),
+            eigval=tuple(float(v) for v in stats["eigval"]),
+            eigvec=tuple(tuple(float(v) for v in row) for row in stats["eigvec"]),
+        )
+        if len(color.mean_rgb) != 3 or len(color.eigval) != 3 or len(color.eigvec) != 3:
+            raise ValueError("stats must hold 3 channels")
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise ConfigError(f"invalid manifest {uri}: {detail}") from None
+    return Manifest(
+        uri=uri,
+        s3_endpoint=s3_endpoint,
+        base=posixpath.dirname(path),
+        classes=infos,
+        splits=splits,
+        stats=color,
+    )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one row group: the unit a read task handles."""
+
+    path: str  # shard path, relative to the manifest's folder
+    row_group: int
+    start: int
+    stop: int
+    first_index: int  # the split's row index of row `start`
+
+
+def epoch_order(manifest: Manifest, split: str, *, seed: int, epoch: int, training: bool):
+    """All pieces of the split in this epoch's order: row groups permuted by (seed, epoch) in
+    training, manifest order in evaluation."""
+    pieces = []
+    for shard in manifest.shards(split):
+        offset = 0
+        for group, rows in enumerate(shard.row_groups):
+            pieces.append(Piece(shard.path, group, 0, rows, shard.first_index + offset))
+            offset += rows
+    if not training:
+        return pieces
+    order = np.random.default_rng((seed, epoch)).permutation(len(pieces))
+    return [pieces[i] for i in order]
+
+
+def worker_span(rows: int, *, rank: int, world_size: int, training: bool) -> tuple[int, int]:
+    """Positions [start, stop) of the epoch's order that worker `rank` reads. Training: rows //
+    world_size each, the rows % world_size last ones skipped; evaluation: np.array_split sizes."""
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in [0, {world_size})")
+    if training:
+        per_rank = rows // world_size
+        return rank * per_rank, (rank + 1) * per_rank
+    base, extra = divmod(rows, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def worker_pieces(
+    order: list[Piece], *, rank: int, world_size: int, training: bool
+) -> tuple[list[Piece], int]:
+    """The pieces (cut to size) covering worker `rank`'s span of `order`, and its row count."""
+    rows = sum(p.stop - p.start for p in order)
+    start, stop = worker_span(rows, rank=rank, world_size=world_size, training=training)
+    mine, position = [], 0
+    for piece in order:
+        size = piece.stop - piece.start
+        lo, hi = max(start, position), min(stop, position + size)
+        if lo < hi:
+            skip = lo - position
+            mine.append(Piece(piece.path, piece.row_group, piece.start + skip,
+                              piece.start + skip + hi - lo, piece.first_index + skip))  # fmt: skip
+        position += size
+    return mine, stop - start
+
+
+# --- the read task (runs in Ray Data workers) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ReadSpec:
+    """What a read task needs; plain values, so it pickles (no filesystem object)."""
+
+    manifest_uri: str
+    s3_endpoint: str | None
+    base: str
+    decode: str
+    preset: TrainingPreset | EvalPreset
+    epoch: int
+    sizes: Mapping[str, int] | None = None  # shard path -> bytes, from the manifest
+    classes: int = 0  # labels outside [0, classes) are skipped and counted
+
+
+@functools.lru_cache(maxsize=4)
+def _filesystem(uri: str, s3_endpoint: str | None) -> pafs.FileSystem:
+    return open_storage(uri, s3_endpoint=s3_endpoint)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _parquet(uri: str, s3_endpoint: str | None, path: str) -> pq.ParquetFile:
+    # Cached per task process: the footer is read once per shard, not once per row group.
+    # CRC32 per page where the writer stored one (vgg-ray prepare does): corruption is an error
+    # naming the shard, not silently wrong pixels or labels.
+    file = _filesystem(uri, s3_endpoint).open_input_file(path)
+    return pq.ParquetFile(file, page_checksum_verification=True)
+
+
+def _read_piece(uri: str, s3_endpoint: str | None, path: str, size: int, group: int):
+    """One row group of one shard, retried through storage outages; a shard that is broken is
+    a ConfigError naming it."""
+
+    def read():
+        try:
+            # One HEAD per row group, not cached: task processes outlive runs, and a shard
+            # truncated or replaced since it was last opened must not be read.
+            info = _filesystem(uri, s3_endpoint).get_file_info(path)
+            if size and info.size != size:
+                found = "missing" if info.type == pafs.FileType.NotFound else f"{info.size} bytes"
+                raise ConfigError(
+                    f"shard {path} is {found} but the manifest says {size} bytes: truncated or "
+                    "replaced; run `vgg-ray prepare` again"
+                )
+            parquet = _parquet(uri, s3_endpoint, path)
+            return parquet.read_row_group(group, columns=["image", "label", "key"])
+        except ConfigError:
+            raise
+        except (OSError, ValueError, pa.ArrowException) as error:
+            if is_transient(error):
+                raise  # retried below
+            raise ConfigError(
+                f"shard {path} (row group {group}) is unreadable: "
+                f"{str(error).splitlines()[0][:200]}; check it with `vgg-ray verify`"
+            ) from None
+
+    return retry_transient(read, what=f"reading shard {path}")
+
+
+def read_records(
+    batch: dict[str, np.ndarray],
+    *,
+    manifest_uri: str,
+    s3_endpoint: str | None,
+    base: str,
+    sizes: Mapping[str, int] | None = None,
+    classes: int = 0,
+) -> dict[str, np.ndarray]:
+    """Ray Data batch fn: pieces -> raw rows: "image" (JPEG bytes, object), "label", "index"
+    (the split's row index) and "key". Whoever decodes them (e.g. an evaluation actor on its
+    GPU) works on these. `sizes` (shard path -> bytes) checks each shard's size on first open;
+    with `classes`, a label outside [0, classes) becomes -1: skipped and counted downstream
+    like a record that does not decode."""
+    tables = []
+    for path, group, start, stop in zip(
+        batch["path"], batch["row_group"], batch["start"], batch["stop"], strict=True
+    ):
+        size = (sizes or {}).get(path, 0)
+        table = _read_piece(manifest_uri, s3_endpoint, f"{base}/{path}", size, int(group))
+        tables.append(table.slice(int(start), int(stop) - int(start)))
+    index = np.concatenate(
+        [np.arange(f, f + t.num_rows) for f, t in zip(batch["first_index"], tables, strict=True)]
+    )
+    data = [b for t in tables for b in t.column("image").to_pylist()]
+    label = np.concatenate([t.column("label").to_numpy() for t in tables]).astype(np.int64)
+    if classes:
+        label[(label < 0) | (label >= classes)] = -1
+    key = np.array([k for t in tables for k in t.column("key").to_pylist()], dtype=object)
+    return {"image": np.array(data, dtype=object), "label": label, "index": index, "key": key}
+
+
+def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, np.ndarray]:
+    """Ray Data batch fn: pieces -> rows. decode "cpu": uint8 crops with their gain/bias, label
+    -1 where a record did not decode; decode "gpu": the JPEG bytes."""
+    rows = read_records(
+        batch, manifest_uri=spec.manifest_uri, s3_endpoint=spec.s3_endpoint, base=spec.base,
+        sizes=spec.sizes, classes=spec.classes,
+    )  # fmt: skip
+    if spec.decode == "gpu":
+        return rows
+    data, label, index, key = rows["image"], rows["label"], rows["index"], rows["key"]
+    images = decode_cpu(list(data))
+    good = [i for i, image in enumerate(images) if image is not None]
+    prepared = spec.preset.prepare(
+        [images[i] for i in good], epoch=spec.epoch, indices=index[good].tolist()
+    )
+    crop = spec.preset.crop
+    pixels = np.zeros((len(data), 3, crop, crop), np.uint8)
+    gain, bias = np.zeros((len(data), 3), np.float32), np.zeros((len(data), 3), np.float32)
+    pixels[good], gain[good], bias[good] = prepared.pixels.numpy(), prepared.gain, prepared.bias
+    label[[i for i, image in enumerate(images) if image is None]] = -1  # with bad labels
+    return {"pixels": pixels, "gain": gain, "bias": bias, "label": label, "index": index,
+            "key": key}  # fmt: skip
+
+
+# --- the worker side ---------------------------------------------------------------------------
+
+
+def _seed32(*values: int) -> int:
+    return int(np.random.SeedSequence(values).generate_state(1)[0])
+
+
+class SplitStream:
+    """One worker's batches of one split for one epoch.
+
+    ```
+    stream = SplitStream(manifest, "train", config, epoch=e, rank=r, world_size=n, batch_size=b,
+                         device=device, training=True)
+    for images, labels in stream:   # float32 (N, 3, crop, crop) and int64 (N,), on `device`
+    ```
+    Every rank yields exactly `len(stream)` batches, ceil(rows / batch_size): full batches, then
+    a smaller last one when rows % batch_size != 0 (equal on all ranks in training). Records that
+    fail to decode are counted in `skipped`; in training they are replaced by other images of the
+    same batch (the batch keeps its size), in evaluation they are dropped (the batch shrinks).
+    Needs a running Ray (as in a Ray Train worker).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        config: StreamConfig,
+        *,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        training: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
+        config.validate()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device or "cpu")
+        if config.decode == "gpu" and self.device.type != "cuda":
+            raise ConfigError(f"decode 'gpu' needs a CUDA device, got {self.device}")
+        self.manifest, self.split, self.config = manifest, split, config
+        self.epoch, self.rank, self.training = epoch, rank, training
+        self.batch_size, self.dtype = batch_size, dtype
+        order = epoch_order(manifest, split, seed=config.seed, epoch=epoch, training=training)
+        self.pieces, self.rows = worker_pieces(
+            order, rank=rank, world_size=world_size, training=training
+        )
+        stats = manifest.stats
+        self.preset = config.training_preset(stats) if training else config.eval_preset(stats)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.iter_batches():
+            yield images, labels
+
+    def _dataset(self):
+        import ray.data
+
+        spec = _ReadSpec(self.manifest.uri, self.manifest.s3_endpoint, self.manifest.base,
+                         self.config.decode, self.preset, self.epoch, shard_sizes(self.manifest),
+                         len(self.manifest.classes))  # fmt: skip
+        items = [p.__dict__ for p in self.pieces]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_pieces, batch_size=1, fn_kwargs={"spec": spec}, num_cpus=self.config.read_cpus
+        )
+        # The epoch's order is part of the result: keep the pieces' order through the tasks.
+        dataset.context.execution_options.preserve_order = True
+        dataset.context.enable_progress_bars = False
+        return dataset
+
+    def iter_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Like iterating the stream, with each batch's record keys (for per-image results)."""
+        if not self.pieces:
+            return
+        buffer = self.config.shuffle_buffer if self.training else 0
+        # 4 entropy words: never the seed of an image's draws, (seed, epoch, row index).
+        shuffle_seed = _seed32(self.config.seed, self.epoch, self.rank, 1)
+        batches = self._dataset().iter_batches(
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            prefetch_batches=self.config.prefetch_batches,
+            local_shuffle_buffer_size=max(buffer, self.batch_size) if buffer else None,
+            local_shuffle_seed=shuffle_seed if buffer else None,
+        )  # fmt: skip
+        count = 0
+        for batch in batches:
+            count += 1
+            yield self._finish(batch)
+        if count != len(self):  # would break DDP's equal step counts: a bug, not bad data
+            raise RuntimeError(f"rank {self.rank} yielded {count} batches, expected {len(self)}")
+
+    def _finish(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """A Ray batch -> the net's input on the device, minus records that failed to decode."""
+        labels, keys = batch["label"], list(batch["key"])
+        if self.config.decode == "gpu":
+            images = decode_gpu(list(batch["image"]), self.device)
+            good = [i for i, image in enumerate(images) if image is not None and labels[i] >= 0]
+            prepared = self.preset.prepare(
+                [images[i] for i in good], epoch=self.epoch, indices=batch["index"][good].tolist()
+            )
+        else:
+            good = np.flatnonzero(labels >= 0).tolist()
+            pixels = torch.from_numpy(batch["pixels"][good])
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            prepared = Prepared(pixels, torch.from_numpy(batch["gain"][good]),
+                                torch.from_numpy(batch["bias"][good]))  # fmt: skip
+        self.skipped += len(labels) - len(good)
+        rows = good
+        if self.training and good and len(good) < len(labels):
+            # Keep the batch's size in training: stand-ins from the same batch for the bad ones.
+            stand_ins = np.resize(np.arange(len(good)), len(labels) - len(good)).tolist()
+            prepared = Prepared(
+                torch.cat([prepared.pixels, prepared.pixels[stand_ins]]),
+                torch.cat([prepared.gain, prepared.gain[stand_ins]]),
+                torch.cat([prepared.bias, prepared.bias[stand_ins]]),
+            )
+            rows = good + [good[i] for i in stand_ins]
+        images = to_float(prepared, self.dtype)
+        label_tensor = torch.from_numpy(labels[rows]).to(self.device, non_blocking=True)
+        return images, label_tensor, [str(keys[i]) for i in rows]

@@ -1,0 +1,495 @@
+"""`vgg-ray evaluate`: the paper's test protocol (`vgg_ray.evaluate`) over a split's shards with
+Ray Data batch inference, results as tables in MLflow.
+
+```
+nets (checkpoint | runs:/ | run id | models:/) --load, check classes--> ray.put
+val pieces --read_records (CPU tasks: JPEG bytes)--> EvalActor pool (GPU, else CPU): decode,
+    every protocol's top-5 per image --> driver: Tally --> table.md/.csv, per_class.csv, MLflow
+```
+Each actor holds every net (an ensemble's soft-max average needs all of them per image) and
+returns only the top-5 class indices per image and protocol, so what reaches the driver is
+tiny whatever the class count. Counts are summed on the driver: the result is the same for any
+batch size and actor count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vgg_ray.data import Manifest, epoch_order, load_manifest, read_records, shard_sizes
+from vgg_ray.errors import ConfigError
+from vgg_ray.evaluate import (
+    MODES,
+    Evaluator,
+    NetInfo,
+    Protocol,
+    ResultRow,
+    Tally,
+    per_class_csv,
+    protocols,
+    result_rows,
+    table_csv,
+    table_markdown,
+)
+from vgg_ray.models import VGG
+from vgg_ray.transforms import ColorStats, decode_cpu, decode_gpu
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """One evaluation: which nets, on which data, under which protocols, on what compute."""
+
+    models: tuple[str, ...] = ()
+    """Each a vgg-ray checkpoint (folder, state.pt, s3://), `runs:/<id>`, a run id, or
+    `models:/name/version` / `models:/name@alias`. Several: also their ensemble."""
+    manifest: str = ""
+    """The shards' manifest (local or s3://); "" = the one the first net was trained on."""
+    split: str = "val"
+    s3_endpoint: str | None = None
+    modes: tuple[str, ...] = MODES
+    """Any of single, dense, multicrop, dense+multicrop (Sect. 3.2)."""
+    scales: tuple[tuple[int, ...], ...] = ()
+    """Test scale sets Q, each applied to every mode; () = the paper's defaults per net: Q = S
+    (or (Smin+Smax)/2) for single, {S-32, S, S+32} (or {Smin, mid, Smax}) for the others."""
+    members: bool = True
+    """With several nets: also a row per net, besides the ensemble's."""
+    max_images: int = 0
+    """Evaluate only the split's first N images (0: all)."""
+    actors: int = 0
+    """Evaluation actors; 0 = one per GPU of the cluster, else one per 2 CPUs."""
+    gpus_per_actor: float | None = None
+    """None: 1 when the cluster has GPUs, else 0 (CPU actors)."""
+    cpus_per_actor: float = 1.0
+    read_cpus: float = 0.5
+    """Logical CPUs of each shard-reading task (they only read bytes)."""
+    batch_size: int = 32
+    """Images per Ray batch handed to an actor."""
+    max_crops: int = 64
+    """Inputs per forward pass (memory only; results do not depend on it)."""
+    bf16: bool | None = None
+    """bf16 autocast; None: on GPU actors."""
+    tracking_uri: str = ""
+    """MLflow; "" = MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""
+    experiment: str = "vgg-ray"
+    """For runs this job creates (ensembles, nets without a training run)."""
+    log_to_mlflow: bool = True
+    output: str = ""
+    """Local folder for table.md, table.csv, per_class.csv; "" = <home>/evaluations/<time>."""
+    progress_every: int = 1000
+    """Print a progress line every this many images."""
+
+    def validate(self) -> EvaluateConfig:
+        checks = [
+            (bool(self.models), "no model given: pass --model (a checkpoint, run or models:/)"),
+            (bool(self.modes), "no evaluation mode given"),
+            (all(m in MODES for m in self.modes),
+             f"unknown mode in {self.modes}; choose from {', '.join(MODES)}"),
+            (all(s and all(q >= 1 for q in s) for s in self.scales),
+             f"test scales must be positive integers, got {self.scales}"),
+            (self.max_images >= 0, "max_images must be >= 0"),
+            (self.actors >= 0, "actors must be >= 0"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.max_crops >= 1, f"max crops must be >= 1, got {self.max_crops}"),
+            (self.cpus_per_actor > 0 and self.read_cpus > 0, "CPUs per actor/task must be > 0"),
+            (self.progress_every >= 1, "progress_every must be >= 1"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    rows: list[ResultRow]
+    output: str  # the local folder holding the tables
+    mlflow_runs: dict[str, str] = field(default_factory=dict)  # run id -> what was logged there
+    skipped: int = 0  # records that did not decode
+
+
+# --- loading nets --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedNet:
+    model: VGG
+    info: NetInfo
+
+
+def _stats(values: dict | None) -> ColorStats | None:
+    if not values:
+        return None
+    return ColorStats(
+        mean_rgb=tuple(values["mean_rgb"]),
+        eigval=tuple(values["eigval"]),
+        eigvec=tuple(tuple(row) for row in values["eigvec"]),
+    )
+
+
+def _info_from_state(state: dict, source: str, run_id: str | None) -> NetInfo:
+    data = state.get("config", {}).get("data", {})
+    return NetInfo(
+        name=state["arch"],
+        crop=int(data.get("crop", 224)),
+        train_scale=tuple(int(s) for s in data.get("scale", (256, 512))),
+        normalize=data.get("normalize", "paper"),
+        stats=_stats(state.get("data_stats")),
+        classes=tuple(state.get("classes", ())),
+        source=source,
+        run_id=run_id,
+        manifest=data.get("manifest", ""),
+    )
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    from vgg_ray.tracking import check_reachable
+
+    check_reachable(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
+def _checkpoint_run(state: dict, tracking_uri: str) -> str | None:
+    """The MLflow run a training checkpoint came from: tag `vgg_ray.run_name` in its
+    experiment. None when there is none (or MLflow is unreachable: evaluation goes on)."""
+    config = state.get("config", {})
+    if not config.get("run_name"):
+        return None
+    try:
+        client = _client(tracking_uri)
+        experiment = client.get_experiment_by_name(config.get("experiment", "vgg-ray"))
+        if experiment is None:
+            return None
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`vgg_ray.run_name` = '{config['run_name']}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+    except Exception:  # a checkpoint without a reachable run is still evaluated
+        return None
+
+
+def _mlflow_model(uri: str, run, source: str) -> LoadedNet:
+    """A net logged by vgg-ray (`runs:/<id>/<path>` or `models:/`), from the weights-only state
+    it carries: a model is never unpickled."""
+    from vgg_ray.checkpoint import load_logged_state, model_from_state
+
+    state = load_logged_state(uri)
+    info = _info_from_state(state, source, run.info.run_id if run is not None else None)
+    return LoadedNet(model_from_state(state).eval(), info)
+
+
+def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) -> LoadedNet:
+    """One net from a checkpoint path, `runs:/<id>[/path]`, a run id, or a `models:/` URI."""
+    from vgg_ray.checkpoint import load_trained
+
+    if source.startswith("models:/"):
+        client = _client(tracking_uri)
+        spec = source.removeprefix("models:/")
+        name, _, alias = spec.partition("@")
+        try:
+            if alias:
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = spec.rpartition("/")
+                version = client.get_model_version(name, number)
+        except Exception as error:
+            raise ConfigError(f"no registered model {source}: {error}".splitlines()[0]) from error
+        run = client.get_run(version.run_id) if version.run_id else None
+        return _mlflow_model(source, run, source)
+    run_id, path = None, ""
+    if source.startswith("runs:/"):
+        run_id, _, path = source.removeprefix("runs:/").partition("/")
+    elif RUN_ID.match(source) and not Path(source).exists():
+        run_id = source
+    if run_id is None:  # a checkpoint
+        model, state = load_trained(source, s3_endpoint=s3_endpoint)
+        if model is None or "arch" not in state:
+            raise ConfigError(f"{source} carries no net description (arch, classes): evaluate a "
+                              "vgg-ray checkpoint, run or registered model")  # fmt: skip
+        return LoadedNet(
+            model.eval(), _info_from_state(state, source, _checkpoint_run(state, tracking_uri))
+        )
+    client = _client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as error:
+        raise ConfigError(f"no MLflow run {run_id} at {tracking_uri}: "
+                          f"{error}".splitlines()[0]) from error  # fmt: skip
+    checkpoint = run.data.tags.get("best_checkpoint")
+    if not path and checkpoint:  # the full state: carries the data statistics too
+        model, state = load_trained(checkpoint, s3_endpoint=s3_endpoint)
+        if model is not None:
+            return LoadedNet(model.eval(), _info_from_state(state, source, run_id))
+    return _mlflow_model(f"runs:/{run_id}/{path or 'model'}", run, source)
+
+
+def check_classes(net: LoadedNet, manifest: Manifest) -> None:
+    """ConfigError unless the net's outputs are the manifest's classes, in order."""
+    count, expected = net.model.num_classes, len(manifest.classes)
+    if count != expected:
+        raise ConfigError(
+            f"model {net.info.source} has {count} classes but manifest {manifest.uri} has "
+            f"{expected}: it was trained on another data set"
+        )
+    if net.info.classes and tuple(net.info.classes) != manifest.wnids:
+        first = next(i for i, (a, b) in enumerate(zip(net.info.classes, manifest.wnids,
+                                                      strict=True)) if a != b)  # fmt: skip
+        raise ConfigError(
+            f"model {net.info.source}'s classes differ from manifest {manifest.uri}'s (index "
+            f"{first}: {net.info.classes[first]} vs {manifest.wnids[first]})"
+        )
+
+
+def load_nets(config: EvaluateConfig) -> tuple[list[LoadedNet], Manifest]:
+    """The nets, checked against the manifest (the given one, or the first net's)."""
+    nets = [load_net(s, tracking_uri=config.tracking_uri, s3_endpoint=config.s3_endpoint)
+            for s in config.models]  # fmt: skip
+    uri = config.manifest or nets[0].info.manifest
+    if not uri:
+        raise ConfigError(f"no --manifest given and {config.models[0]} does not name the data "
+                          "it was trained on")  # fmt: skip
+    manifest = load_manifest(uri, s3_endpoint=config.s3_endpoint)
+    manifest.shards(config.split)  # an unknown or empty split fails here, before any work
+    # Names: the arch, made unique within the ensemble ("D", "E", "D#2").
+    seen: dict[str, int] = {}
+    for i, net in enumerate(nets):
+        info = net.info
+        seen[info.name] = seen.get(info.name, 0) + 1
+        if seen[info.name] > 1:
+            info = dataclasses.replace(info, name=f"{info.name}#{seen[info.name]}")
+        if info.stats is None:  # no statistics in the net's metadata: the data set's
+            info = dataclasses.replace(info, stats=manifest.stats)
+        nets[i] = LoadedNet(net.model, info)
+        check_classes(nets[i], manifest)
+    return nets, manifest
+
+
+# --- the Ray side --------------------------------------------------------------------------
+
+
+class EvalActor:
+    """A Ray Data actor: holds every net on its device; per batch, decodes the JPEGs there and
+    returns each protocol's top-5 per image (label -1 where a record did not decode)."""
+
+    def __init__(self, nets_ref: list, rows: list[Protocol], max_crops: int, bf16: bool | None,
+                 threads: int):  # fmt: skip
+        import ray
+
+        nets: list[LoadedNet] = ray.get(nets_ref[0])
+        on_gpu = torch.cuda.is_available()  # Ray sets CUDA_VISIBLE_DEVICES for GPU actors
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        if not on_gpu:
+            torch.set_num_threads(threads)  # not the whole node's cores in every actor
+        self.evaluator = Evaluator(
+            [n.model for n in nets], [n.info for n in nets], rows, device=self.device,
+            max_crops=max_crops, bf16=on_gpu if bf16 is None else bf16, channels_last=on_gpu,
+        )  # fmt: skip
+        self.k = min(5, self.evaluator.num_classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        data = list(batch["image"])
+        on_gpu = self.device.type == "cuda"
+        images = decode_gpu(data, self.device) if on_gpu else decode_cpu(data)
+        good = [i for i, image in enumerate(images) if image is not None]
+        top_k = np.full((len(data), len(self.evaluator.rows), self.k), -1, np.int64)
+        if good:
+            top_k[good] = self.evaluator.top_k([images[i] for i in good])
+        label = np.where([image is not None for image in images], batch["label"], -1)
+        return {"key": batch["key"], "label": label.astype(np.int64), "top_k": top_k}
+
+
+def _pieces(manifest: Manifest, split: str, max_images: int) -> list[dict[str, Any]]:
+    order = epoch_order(manifest, split, seed=0, epoch=0, training=False)
+    pieces, left = [], max_images or sum(p.stop - p.start for p in order)
+    for piece in order:
+        if left <= 0:
+            break
+        take = min(left, piece.stop - piece.start)
+        pieces.append({**piece.__dict__, "stop": piece.start + take})
+        left -= take
+    return pieces
+
+
+def run_inference(
+    config: EvaluateConfig, nets: list[LoadedNet], rows: list[Protocol], manifest: Manifest
+) -> tuple[Tally, int, dict[str, np.ndarray]]:
+    """The Ray Data pipeline; returns the tally, the undecodable count and per-image top-k
+    (key -> (rows, k)), the last for tests and debugging."""
+    import ray
+    import ray.data
+
+    from vgg_ray import runtime
+
+    runtime.connect()
+    gpus = config.gpus_per_actor
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus is None:
+        gpus = 1 if cluster_gpus >= 1 else 0
+    actors = config.actors or (
+        int(cluster_gpus // gpus) if gpus else max(1, int(ray.cluster_resources()["CPU"]) // 2)
+    )
+    pieces = _pieces(manifest, config.split, config.max_images)
+    total = sum(p["stop"] - p["start"] for p in pieces)
+    print(f"vgg-ray evaluate: {total} images of split {config.split!r}, {len(rows)} protocol(s), "
+          f"{actors} actor(s) with {gpus} GPU each", flush=True)  # fmt: skip
+    dataset = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        read_records,
+        batch_size=1,
+        num_cpus=config.read_cpus,
+        fn_kwargs={"manifest_uri": manifest.uri, "s3_endpoint": manifest.s3_endpoint,
+                   "base": manifest.base, "sizes": shard_sizes(manifest),
+                   "classes": len(manifest.classes)},
+    ).map_batches(
+        EvalActor,
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus,
+        num_cpus=config.cpus_per_actor,
+        fn_constructor_kwargs={
+            "nets_ref": [ray.put(nets)], "rows": rows, "max_crops": config.max_crops,
+            "bf16": config.bf16, "threads": max(1, int(config.cpus_per_actor)),
+        },
+    )  # fmt: skip
+    dataset.context.enable_progress_bars = False
+    tally = Tally(len(rows), len(manifest.classes))
+    per_image: dict[str, np.ndarray] = {}
+    skipped = done = 0
+    started, next_report = time.perf_counter(), config.progress_every
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        good = batch["label"] >= 0
+        skipped += int((~good).sum())
+        tally.add(batch["label"][good], batch["top_k"][good])
+        for key, top_k, ok in zip(batch["key"], batch["top_k"], good, strict=True):
+            if ok:
+                per_image[str(key)] = top_k
+        done += len(batch["label"])
+        if done >= next_report or done == total:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            print(f"vgg-ray evaluate: {done}/{total} images, {rate:.1f} img/s", flush=True)
+            next_report = (done // config.progress_every + 1) * config.progress_every
+    return tally, skipped, per_image
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+
+def _write_tables(directory: Path, tally: Tally, results: list[ResultRow], manifest: Manifest,
+                  only: list[int]) -> None:  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    chosen = [results[i] for i in only]
+    (directory / "table.md").write_text(table_markdown(chosen))
+    (directory / "table.csv").write_text(table_csv(chosen))
+    (directory / "per_class.csv").write_text(
+        per_class_csv(tally, results, manifest.wnids, manifest.names, only=only)
+    )
+
+
+def _log_mlflow(config: EvaluateConfig, nets: list[LoadedNet], tally: Tally,
+                results: list[ResultRow], manifest: Manifest) -> dict[str, str]:  # fmt: skip
+    """Each net's own rows to its training run; ensemble rows and nets without a run to a new
+    `evaluate-*` run. Returns run id -> a note of what went there."""
+    client = _client(config.tracking_uri)
+    targets: dict[str, list[int]] = {}
+    new_rows: list[int] = []
+    for index, row in enumerate(results):
+        run_id = nets[row.members[0]].info.run_id if len(row.members) == 1 else None
+        if run_id:
+            targets.setdefault(run_id, []).append(index)
+        else:
+            new_rows.append(index)
+    if new_rows:
+        ensemble = len(nets) > 1
+        name = "evaluate-ensemble" if ensemble else f"evaluate-{nets[0].info.name}"
+        experiment_id = None
+        first_run = next((n.info.run_id for n in nets if n.info.run_id), None)
+        if first_run:
+            experiment_id = client.get_run(first_run).info.experiment_id
+        if experiment_id is None:
+            found = client.get_experiment_by_name(config.experiment)
+            experiment_id = (found.experiment_id if found
+                             else client.create_experiment(config.experiment))  # fmt: skip
+        tags = {"vgg_ray.evaluate.members": " + ".join(n.info.source for n in nets)}
+        for i, net in enumerate(nets):
+            tags[f"member_{i}"] = net.info.source
+            if net.info.run_id:
+                tags[f"member_{i}_run"] = net.info.run_id
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        targets[run.info.run_id] = new_rows
+    notes = {}
+    for run_id, indices in targets.items():
+        import mlflow.entities
+
+        now = int(time.time() * 1000)
+        metrics = []
+        for index in indices:
+            r = results[index]
+            prefix = "eval_" if len(r.members) == 1 else "eval_ensemble_"
+            metrics += [
+                mlflow.entities.Metric(f"{prefix}{r.key}_top1_error", r.top1_error, now, 0),
+                mlflow.entities.Metric(f"{prefix}{r.key}_top5_error", r.top5_error, now, 0),
+            ]
+        # Two single-net rows can share a key only for the same net twice: keep one of each.
+        unique = {m.key: m for m in metrics}
+        client.log_batch(run_id, metrics=list(unique.values()), synchronous=True)
+        with tempfile.TemporaryDirectory() as directory:
+            _write_tables(Path(directory), tally, results, manifest, indices)
+            client.log_artifacts(run_id, directory, "evaluation")
+        if run_id not in (n.info.run_id for n in nets):
+            client.set_terminated(run_id, "FINISHED")
+        notes[run_id] = f"{len(indices)} row(s)"
+    return notes
+
+
+def resolve(config: EvaluateConfig) -> EvaluateConfig:
+    """Fill the embedded defaults: tracking URI and output folder."""
+    from vgg_ray.config import default_home
+
+    home = default_home()
+    tracking = (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{home / 'mlflow.db'}")  # fmt: skip
+    output = config.output or str(home / "evaluations" / f"{datetime.now():%Y%m%d-%H%M%S}")
+    return dataclasses.replace(config, tracking_uri=tracking, output=output)
+
+
+def evaluate(config: EvaluateConfig) -> EvaluationResult:
+    """The whole job: load and check the nets, run the protocols over the split, write and log
+    the tables. The function `vgg-ray evaluate` and jobs/evaluate.py call."""
+    config = resolve(config).validate()
+    if config.tracking_uri.startswith("sqlite:///"):
+        Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+    nets, manifest = load_nets(config)
+    infos = [n.info for n in nets]
+    rows = protocols(infos, config.modes, config.scales, members=config.members)
+    tally, skipped, _ = run_inference(config, nets, rows, manifest)
+    if tally.total == 0:
+        raise ConfigError(f"no image of split {config.split!r} could be decoded")
+    results = result_rows(tally, rows, infos)
+    output = Path(config.output)
+    _write_tables(output, tally, results, manifest, list(range(len(results))))
+    runs = _log_mlflow(config, nets, tally, results, manifest) if config.log_to_mlflow else {}
+    print(table_markdown(results), flush=True)
+    print(
+        f"vgg-ray evaluate: tables in {output}"
+        + (f"; {skipped} record(s) did not decode" if skipped else "")
+        + (f"; logged to MLflow run(s) {', '.join(runs)}" if runs else ""),
+        flush=True,
+    )
+    return EvaluationResult(results, str(output), runs, skipped)

@@ -1,0 +1,183 @@
+"""MLflow tracking that never stops training.
+
+Rank 0 holds a `Tracker`; every other rank a `NullTracker`, so the loop has no `if rank == 0`.
+Metrics are queued and sent in batches; while the tracking server is unreachable they stay queued
+(training goes on and says so once), and reach the run when the server is back. What still cannot
+be sent at the end is reported as lost, with a count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from vgg_ray.errors import ConfigError
+
+log = logging.getLogger("vgg_ray.tracking")
+
+
+def configure_uploads() -> None:
+    """Large artifacts (VGG-E's weights are about 550 MB in fp32) go to S3 in parts where the
+    tracking server supports it: an `mlflow server --artifacts-destination s3://...` hands out
+    presigned part URLs, and MLflow 3.17 asks its /server-info whether it can, unless
+    MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD forces the answer. A part that fails is retried alone,
+    and no single request has to carry half a gigabyte through the proxy. MLflow's default
+    threshold (500 MB) would leave a VGG-D member (about 530 MB) one bad request away from
+    starting over; 64 MB files and up go in parts here. Values already set are kept."""
+    os.environ.setdefault("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", str(64 * 2**20))
+    os.environ.setdefault("MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE", str(16 * 2**20))
+
+
+def check_reachable(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
+    """ConfigError within seconds when an MLflow server does not answer. MLflow's own client
+    retries with backoff for minutes before it gives up; that patience is right for uploads in
+    the middle of a run, wrong for a typo in --tracking-uri at its start."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        pass  # it answers (a proxy in front may not route /health): the client will tell more
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"cannot reach MLflow at {tracking_uri}: {reason}") from None
+
+
+def model_requirements(*packages: str) -> list[str]:
+    """Pinned pip requirements of a logged model: the pickled net is a `vgg_ray.models.VGG`.
+    Named, not inferred: MLflow's inference reloads the model in a subprocess (~10 s a model)."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("vgg-ray", "torch", "torchvision", *packages)]
+
+
+def log_net(state: dict[str, Any]) -> None:
+    """Log a trained net (a checkpoint's state) to the active MLflow run as `model`: an MLflow
+    PyTorch model with signature and input example, for MLflow's own tools, that carries the
+    weights-only state vgg-ray loads it from (`checkpoint.load_logged_state`), never the pickle."""
+    import tempfile
+
+    import mlflow.pytorch
+    import torch
+
+    from vgg_ray import checkpoint as ckpt
+
+    state = ckpt.net_state(state)
+    crop = state.get("config", {}).get("data", {}).get("crop", 224)
+    configure_uploads()
+    with tempfile.TemporaryDirectory() as directory:
+        mlflow.pytorch.log_model(
+            ckpt.model_from_state(state).eval(),
+            name="model",
+            input_example=torch.zeros(1, 3, crop, crop).numpy(),
+            serialization_format="pickle",
+            pip_requirements=model_requirements(),
+            extra_files=[str(ckpt.save_state(directory, state))],
+            metadata={"classes": list(state["classes"]), "arch": state["arch"]},
+        )
+
+
+class NullTracker:
+    """What non-zero ranks hold: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> int:
+        return 0
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def lost(self) -> int:
+        return 0
+
+
+class Tracker(NullTracker):
+    """Logs to one MLflow run, buffering through outages of the tracking server."""
+
+    def __init__(self, tracking_uri: str, run_id: str, *, max_buffered: int = 100_000):
+        from mlflow.tracking import MlflowClient
+
+        # In the rank-0 worker only: MLflow's own HTTP retries back off for minutes per call;
+        # the tracker retries across steps instead, so one call must fail fast. (The driver's
+        # model upload keeps MLflow's patient defaults.)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.pending: list = []
+        self.max_buffered = max_buffered
+        self.dropped = 0
+        self.outage_since: float | None = None
+        # While the server is down, a send is tried again only after this moment (backing off
+        # 5 s doubling to 60 s): each failed send blocks for MLflow's own retries, seconds.
+        self.retry_at = 0.0
+        self.retry_delay = 5.0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.pending) > self.max_buffered:  # bounded memory through a very long outage
+            self.dropped += len(self.pending) - self.max_buffered
+            self.pending = self.pending[-self.max_buffered :]
+        if time.monotonic() >= self.retry_at:
+            self.flush()
+
+    def flush(self) -> int:
+        """Send what is queued; return how many metric values are still waiting."""
+        while self.pending:
+            batch = self.pending[:1000]  # MLflow's log_batch limit
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            except Exception as error:
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    log.warning(
+                        "MLflow tracking unreachable (%s); training goes on, metrics are "
+                        "buffered and sent when it is back",
+                        str(error).splitlines()[0][:200],
+                    )
+                self.retry_at = time.monotonic() + self.retry_delay
+                self.retry_delay = min(2 * self.retry_delay, 60.0)
+                return len(self.pending)
+            del self.pending[: len(batch)]
+        if self.outage_since is not None:
+            log.warning(
+                "MLflow tracking is back after %.0f s; buffered metrics sent",
+                time.monotonic() - self.outage_since,
+            )
+            self.outage_since = None
+        self.retry_at, self.retry_delay = 0.0, 5.0
+        return 0
+
+    def _guarded(self, what: str, call, *args, **kwargs) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as error:
+            log.warning("MLflow %s failed: %s", what, str(error).splitlines()[0][:200])
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._guarded("artifact upload", self.client.log_artifact, self.run_id, path, artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self._guarded("tag", self.client.set_tag, self.run_id, key, str(value))
+
+    def lost(self) -> int:
+        """Metric values that never reached the run: dropped from a full buffer or still queued."""
+        return self.dropped + self.flush()

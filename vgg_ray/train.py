@@ -1,0 +1,560 @@
+"""The training plane: the paper's recipe (Sect. 3.1) on Ray Train, tracked in MLflow.
+
+`train(config)` runs on the driver: it opens the MLflow run, fits a `TorchTrainer` whose workers
+run `train_worker` (a `Worker`: train epoch -> validate -> log -> checkpoint), then logs the
+model, the best checkpoint and the curves. The worker is plain PyTorch; the few Ray calls
+(`get_context`, `get_checkpoint`, `report`) stand at its edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vgg_ray import checkpoint as ckpt
+from vgg_ray.config import TrainConfig, default_home
+from vgg_ray.data import SplitStream, load_manifest
+from vgg_ray.errors import ConfigError
+from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
+from vgg_ray.parallel import parallelize, unwrap
+from vgg_ray.schedules import build_schedule
+from vgg_ray.steps import evaluate_counts, train_step
+from vgg_ray.tracking import NullTracker, Tracker, check_reachable, log_net
+
+log = logging.getLogger("vgg_ray.train")
+SCORE = "val_top5_error"  # what the best checkpoints are kept by
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """Where a finished run left its results."""
+
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    checkpoint_path: str
+    best_checkpoint: str
+    metrics: dict[str, float]
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def _grouped(batches: Iterator, size: int) -> Iterator[list]:
+    """Micro-batches grouped into optimizer steps (the last step may have fewer)."""
+    group: list = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _initial_weights(model: VGG, config: TrainConfig) -> list[str]:
+    """Apply `config.init` when it names trained weights; returns the layers it set."""
+    if config.init in INITS:
+        return []
+    trained, state = ckpt.load_trained(config.init, s3_endpoint=config.data.s3_endpoint)
+    if trained is not None and _conv_layers(trained) < _conv_layers(model):
+        return init_from_shallow(model, trained)  # Sect. 3.1: deep nets start from a trained A
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"init {config.init}: weights do not fit net {config.arch} "
+            f"(width {config.width}, {model.num_classes} classes): {str(error).splitlines()[0]}"
+        ) from error
+    return list(state["model"])
+
+
+def _conv_layers(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class Worker:
+    """One Ray Train worker: the net, its optimizer and lr schedule, and the loop state that a
+    checkpoint carries so a restart continues exactly (epoch, step, batch in epoch, history).
+
+    Plain PyTorch; the Ray calls (`get_context`, `get_checkpoint`, `report`) stand at the edges.
+    """
+
+    def __init__(self, loop_config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+
+        config = TrainConfig.from_dict(loop_config["config"])
+        # One seed per run: it also draws the data order and augmentation.
+        self.config = config = replace(config, data=replace(config.data, seed=config.seed))
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        on_gpu = self.device.type == "cuda"
+        self.bf16 = config.bf16 if config.bf16 is not None else on_gpu
+        self.channels_last = config.channels_last if config.channels_last is not None else on_gpu
+        self.manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
+
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        init = config.init if config.init in INITS else "paper"
+        model = build_vgg(config.arch, len(self.manifest.classes), config.width, init,
+                          config.dropout)  # fmt: skip
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
+                                         momentum=config.momentum,
+                                         weight_decay=config.weight_decay)  # fmt: skip
+        # The paper's default: "divided by 10 when the validation set accuracy stopped
+        # improving", 3 times. The schedule gives a multiplier on config.lr (vgg_ray.schedules).
+        self.schedule = build_schedule(
+            config.schedule, epochs=config.epochs, factor=config.lr_factor,
+            patience=config.lr_patience, max_decays=config.lr_decays,
+            step_size=config.step_size, warmup=config.warmup_epochs,
+        )  # fmt: skip
+        self.loop: dict[str, Any] = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "history": [],
+                                     "best": math.inf}  # fmt: skip
+        # The run's own latest checkpoint first (a worker failure, a resumed run); else the
+        # checkpoint the run is told to start from (a Tune trial continuing a donor's or its own).
+        restored = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
+        if restored:
+            with restored.as_directory() as directory:
+                self._load(model, ckpt.load_state(directory))
+        else:
+            _initial_weights(model, config)
+        self.model = parallelize(model, self.device, channels_last=self.channels_last,
+                                 compile=config.compile)  # fmt: skip
+        self.tracker = (Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+                        if self.rank == 0 else NullTracker())  # fmt: skip
+
+    def train(self) -> None:
+        """Epochs from where the loop state says, each: train -> validate -> log -> checkpoint."""
+        config, loop = self.config, self.loop
+        for epoch in range(loop["epoch"], config.epochs):
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.lr * self.schedule.multiplier(epoch)
+            metrics = self._metrics(epoch, self.train_epoch(epoch), self.validate())
+            self.schedule.update(1 - metrics["val_top1_error"])
+            loop.update(epoch=epoch + 1, batch_in_epoch=0, epoch_sums=None,
+                        best=min(loop["best"], metrics[SCORE]))  # fmt: skip
+            loop["history"].append(metrics)
+            self.tracker.log_metrics(metrics, step=epoch)
+            if self.rank == 0:  # print() in a Ray Train worker can reach the driver twice
+                log.info(
+                    "epoch %d/%d: train loss %.3f, val error top-1 %.1f%% top-5 %.1f%%, "
+                    "%.0f img/s, %.0f%% of step time waiting for data",
+                    epoch + 1, config.epochs, metrics["train_loss"],
+                    100 * metrics["val_top1_error"], 100 * metrics[SCORE],
+                    metrics["images_per_s"], 100 * metrics["data_wait_share"],
+                )  # fmt: skip
+            self.report(metrics, is_epoch_end=True)
+        lost = self.tracker.lost()
+        if lost:
+            log.warning("%d metric values could not be sent to MLflow", lost)
+
+    def train_epoch(self, epoch: int) -> list[float]:
+        """One pass over this worker's share of the epoch. Returns the sums over all ranks:
+        [rows, loss sum, top-1 correct, top-5 correct, data wait s, elapsed s, skipped]."""
+        config, loop, device = self.config, self.loop, self.device
+        stream = SplitStream(self.manifest, "train", config.data, epoch=epoch, rank=self.rank,
+                             world_size=self.world_size, batch_size=config.micro_batch,
+                             device=device, training=True)  # fmt: skip
+        self.model.train()
+        skip = loop["batch_in_epoch"]  # > 0 only when resuming from a mid-epoch checkpoint
+        # A mid-epoch checkpoint carries the epoch's sums so far over all ranks (rank 0 takes
+        # them back), so the epoch's metrics after a restart count every batch exactly once.
+        sums = loop.get("epoch_sums") if skip and self.rank == 0 else None
+        seen, loss_sum, c1, c5, wait, before = sums or (0.0, 0.0, 0, 0, 0.0, 0.0)
+        correct = torch.tensor([int(c1), int(c5)], dtype=torch.long, device=device)
+        started = tick = time.perf_counter() - before
+        for micro_batches in _grouped(iter(stream), config.grad_accum):
+            if skip:
+                skip -= 1
+                tick = time.perf_counter()
+                continue
+            if self.channels_last:
+                micro_batches = [(x.contiguous(memory_format=torch.channels_last), y)
+                                 for x, y in micro_batches]  # fmt: skip
+            wait += time.perf_counter() - tick
+            loss, step_correct = train_step(self.model, self.optimizer, micro_batches,
+                                            bf16=self.bf16)  # fmt: skip
+            rows = sum(len(y) for _, y in micro_batches)
+            seen, loss_sum = seen + rows, loss_sum + loss * rows
+            correct += step_correct
+            loop["step"] += 1
+            loop["batch_in_epoch"] += 1
+            if loop["step"] % config.log_every_steps == 0:
+                self.tracker.log_metrics(
+                    {"train_loss_step": loss, "lr": self.optimizer.param_groups[0]["lr"]},
+                    step=loop["step"],
+                )
+            if config.checkpoint_every_steps and loop["step"] % config.checkpoint_every_steps == 0:
+                partial = [seen, loss_sum, *correct.tolist(), wait, time.perf_counter() - started]
+                loop["epoch_sums"] = self._sum_over_ranks(partial)
+                self.report({"epoch": epoch, "step": loop["step"]}, is_epoch_end=False)
+            tick = time.perf_counter()
+        elapsed = time.perf_counter() - started
+        return self._sum_over_ranks([seen, loss_sum, *correct.tolist(), wait, elapsed,
+                                     stream.skipped])  # fmt: skip
+
+    def validate(self) -> list[float]:
+        """[rows, top-1 correct, top-5 correct, loss sum] over the whole val split, all ranks."""
+        self.model.eval()
+        val = SplitStream(self.manifest, "val", self.config.data, epoch=0, rank=self.rank,
+                          world_size=self.world_size, batch_size=self.config.micro_batch,
+                          device=self.device, training=False)  # fmt: skip
+        counts = evaluate_counts(self.model, val, bf16=self.bf16).to(self.device)
+        return _all_reduce(counts).tolist()
+
+    def _metrics(self, epoch: int, train: list[float], val: list[float]) -> dict[str, float]:
+        rows, loss_sum, c1, c5, wait, elapsed, skipped = train
+        rows, val_rows = max(rows, 1.0), max(val[0], 1.0)
+        return {
+            "epoch": epoch,
+            "step": self.loop["step"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / rows,
+            "train_top1_error": 1 - c1 / rows,
+            "train_top5_error": 1 - c5 / rows,
+            "val_loss": val[3] / val_rows,
+            "val_top1_error": 1 - val[1] / val_rows,
+            SCORE: 1 - val[2] / val_rows,
+            # elapsed is summed over ranks: their mean is the epoch's wall time
+            "images_per_s": rows / max(elapsed / self.world_size, 1e-9),
+            "data_wait_share": wait / max(elapsed, 1e-9),
+            "skipped_records": skipped,
+        }
+
+    def report(self, metrics: dict[str, float], *, is_epoch_end: bool) -> None:
+        """Every rank calls this equally often (it is a collective); rank 0 writes the state."""
+        import ray.train
+
+        name = f"epoch-{self.loop['epoch']:04d}-step-{self.loop['step']:08d}"
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if self.rank == 0:
+                ckpt.save_state(directory, self._state())
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(
+                # Mid-epoch checkpoints are not evaluated: scored as the worst possible error
+                # (Ray's ranking cannot take inf), they are kept only while they are the latest.
+                {**metrics, SCORE: metrics[SCORE] if is_epoch_end else 1.0},
+                checkpoint=checkpoint,
+                checkpoint_dir_name=name,
+            )
+
+    def _state(self) -> dict[str, Any]:
+        """A checkpoint: what a resume needs, and what later jobs need to use the net."""
+        config = self.config
+        return {
+            "arch": config.arch, "width": config.width, "classes": list(self.manifest.wnids),
+            "config": config.to_dict(), "data_stats": dataclasses.asdict(self.manifest.stats),
+            "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(), "rng": ckpt.rng_state(), "loop": self.loop,
+        }  # fmt: skip
+
+    def _load(self, model: VGG, state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.loop = state["loop"]
+        # The config wins over the optimizer state restored: a PBT trial continues another
+        # trial's checkpoint with its own (perturbed) weight decay and base lr.
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.config.weight_decay
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return _all_reduce(tensor).tolist()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker."""
+    # Each epoch builds its own datasets; their INFO lines (execution plans, every report) would
+    # bury the one progress line per epoch.
+    for name in ("ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    Worker(loop_config).train()
+
+
+# ---------------------------------------------------------------------------- driver side
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill the embedded defaults: run name, checkpoint storage, tracking URI."""
+    import os
+
+    home = default_home()
+    run_name = config.run_name or f"{config.arch}-{datetime.now():%Y%m%d-%H%M%S}"
+    storage = config.storage_path or str(home / "checkpoints")
+    tracking = (
+        config.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{home / 'mlflow.db'}"
+    )
+    return replace(config, run_name=run_name, storage_path=storage, tracking_uri=tracking)
+
+
+def _storage(config: TrainConfig):
+    """(pyarrow filesystem or None, path) for Ray's RunConfig."""
+    if config.storage_path.startswith("s3://"):
+        from vgg_ray.storage import open_storage
+
+        return open_storage(config.storage_path, s3_endpoint=config.data.s3_endpoint)
+    path = Path(config.storage_path).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return None, str(path)
+
+
+def _run_exists(filesystem, path: str, run_name: str) -> bool:
+    import pyarrow.fs
+
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    info = filesystem.get_file_info(f"{path.rstrip('/')}/{run_name}")
+    return info.type != pyarrow.fs.FileType.NotFound
+
+
+def _mlflow_run(config: TrainConfig, *, resume: bool) -> str:
+    """The run's id: the one tagged with this run name when resuming, else a new run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if config.tracking_uri.startswith("sqlite:///"):
+        Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+    check_reachable(config.tracking_uri)
+    mlflow.set_tracking_uri(config.tracking_uri)
+    client = MlflowClient(config.tracking_uri)
+    try:
+        experiment = client.get_experiment_by_name(config.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment else client.create_experiment(config.experiment)
+        )
+    except Exception as error:
+        raise ConfigError(
+            f"cannot reach MLflow at {config.tracking_uri}: {str(error).splitlines()[0][:200]}"
+        ) from error
+    if resume:
+        runs = client.search_runs(
+            [experiment_id], filter_string=f"tags.`vgg_ray.run_name` = '{config.run_name}'"
+        )
+        if runs:
+            return runs[0].info.run_id
+    run = client.create_run(experiment_id, run_name=config.run_name, tags=_tags(config))
+    params = {k: str(v)[:6000] for k, v in config.flat().items()}
+    client.log_batch(
+        run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()]
+    )
+    return run.info.run_id
+
+
+def _tags(config: TrainConfig) -> dict[str, str]:
+    import subprocess
+
+    import ray
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "vgg_ray.run_name": config.run_name,
+        "arch": config.arch,
+        "git_commit": commit or "unknown",
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "data_manifest": config.data.manifest,
+    }
+
+
+def gpus_per_worker(config: TrainConfig) -> float:
+    """config.gpus_per_worker, or 1 when the cluster has a GPU for every worker, else 0."""
+    import ray
+
+    if config.gpus_per_worker is not None:
+        return config.gpus_per_worker
+    return 1 if ray.cluster_resources().get("GPU", 0) >= config.workers else 0
+
+
+def build_trainer(
+    config: TrainConfig,
+    run_id: str,
+    *,
+    callbacks: Sequence[Any] = (),
+    start_checkpoint: Any = None,
+):
+    """The TorchTrainer of one run (config resolved and validated; Ray connected).
+
+    `callbacks` (ray.train.UserCallback) run on the Train controller after each report: how a
+    Tune trial forwards its epochs. `start_checkpoint` (a ray.train.Checkpoint) is where a run
+    without checkpoints of its own starts: a Tune trial continuing its own or a donor's."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    filesystem, storage_path = _storage(config)
+    gpus = gpus_per_worker(config)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "mlflow_run_id": run_id,
+            "tracking_uri": config.tracking_uri,
+            "start_checkpoint": start_checkpoint,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_best,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="min",
+            ),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
+    """Train one net end to end; the function every train job and `vgg-ray train` call."""
+    import mlflow
+
+    from vgg_ray import runtime
+
+    config = resolve(config).validate()
+    manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
+    filesystem, storage_path = _storage(config)
+    exists = _run_exists(filesystem, storage_path, config.run_name)
+    if exists and not resume:
+        raise ConfigError(
+            f"run {config.run_name!r} already exists in {config.storage_path}; "
+            "pass --resume to continue it, or another --run-name"
+        )
+    if resume and not exists:
+        raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
+
+    # MLflow before Ray: an unreachable tracking server fails in seconds, before a cluster starts
+    run_id = _mlflow_run(config, resume=resume)
+    runtime.connect()
+    gpus = gpus_per_worker(config)
+    print(
+        f"vgg-ray: training net {config.arch} as run {config.run_name!r} "
+        f"({config.workers} worker(s), {gpus} GPU each); MLflow run {run_id}",
+        flush=True,
+    )
+    trainer = build_trainer(config, run_id)
+    client = mlflow.tracking.MlflowClient(config.tracking_uri)
+    try:
+        result = trainer.fit()
+    except BaseException as error:
+        client.set_terminated(
+            run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        )
+        if cause := _user_error(error):  # a bad shard, storage down past its limit, ...
+            raise ConfigError(
+                f"{cause}; run {config.run_name!r} stopped at its latest checkpoint: once "
+                f"fixed, continue it with --resume --run-name {config.run_name}"
+            ) from error
+        raise
+    summary = _finish(config, result, run_id, manifest)
+    client.set_terminated(run_id, "FINISHED")
+    return summary
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The message of the ConfigError behind a failed fit, if there is one: Ray wraps a
+    worker's exception (and Ray Data a task's) in its own types, and the chain of causes
+    survives only as the remote traceback's text."""
+    import re
+
+    todo, seen, texts = [error], set(), []
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # RayTaskError: the remote exception
+        if isinstance(current, ConfigError) and not isinstance(cause, BaseException):
+            return str(current.args[0]) if current.args else str(current)
+        texts.append(str(current))
+        failures = getattr(current, "worker_failures", None) or {}  # WorkerGroupError
+        base = getattr(current, "_base_exc", None)  # Ray Train's UserExceptionWithTraceback
+        todo += [current.__context__, current.__cause__, cause, base, *failures.values()]
+    for text in texts:  # the first (innermost) one a traceback names
+        if found := re.search(r"^\S*(?:ConfigError|StorageUnreachable): (.+)$", text, re.M):
+            return found.group(1)
+    return None
+
+
+def _mlflow_ui(tracking_uri: str, run_id: str) -> str:
+    """Where a person looks at the run: the server's page, or the command that serves a file."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
+    """Driver-side logging once training is done: best checkpoint, model, curves."""
+    import mlflow
+
+    from vgg_ray.plots import plot_history
+
+    best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
+    with result.checkpoint.as_directory() as directory:
+        history = ckpt.load_state(directory)["loop"]["history"]
+    with best_checkpoint.as_directory() as directory:
+        best_state = ckpt.load_state(directory)
+    best_uri = best_checkpoint.path  # a path on the storage filesystem
+    if config.storage_path.startswith("s3://"):
+        best_uri = f"s3://{best_uri}"
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.set_tag("best_checkpoint", best_uri)
+        mlflow.log_metric(f"best_{SCORE}", best_metrics[SCORE])
+        with tempfile.TemporaryDirectory() as directory:
+            mlflow.log_artifact(plot_history(history, Path(directory) / "curves.png"))
+        log_net(best_state)
+    final = history[-1] if history else {}
+    print(
+        f"vgg-ray: run {config.run_name!r} done: val error top-1 "
+        f"{final.get('val_top1_error', 0):.3f}, top-5 {final.get(SCORE, 0):.3f}\n"
+        f"  checkpoints: {config.storage_path.rstrip('/')}/{config.run_name}\n"
+        f"  best checkpoint: {best_uri}\n"
+        f"  MLflow run {run_id}: {_mlflow_ui(config.tracking_uri, run_id)}",
+        flush=True,
+    )
+    return TrainSummary(
+        config.run_name,
+        run_id,
+        config.tracking_uri,
+        f"{config.storage_path.rstrip('/')}/{config.run_name}",
+        best_uri,
+        final,
+    )

@@ -1,0 +1,766 @@
+"""Schedule search with Ray Tune: many runs of the training plane, one per trial.
+
+    search(demo_search())   # the embedded default: 4 trials of net A on the demo data
+
+Each trial is a Tune driver function (`run_trial`) that builds and fits the run's TorchTrainer
+(Ray Train V2 pattern), so a trial can span several GPUs. A Train callback on the controller
+hands each epoch's metrics and checkpoint to the driver function, which reports them to Tune
+(`ray.tune.report`): ASHA stops trials on them, PBT clones trials from their checkpoints, a
+failed trial restarts from its latest one, and `Tuner.restore` resumes an interrupted search.
+
+A trial's Train run starts from `ray.tune.get_checkpoint()` when Tune gives one (its own latest
+after a failure or a resume, a donor's after a PBT exploit) with the trial's current config: a
+new base lr and weight decay take effect from the next epoch (vgg_ray.schedules).
+
+MLflow: one parent run for the search, one child run per trial (tag `mlflow.parentRunId`), all
+written through one tracking server; a sqlite:/// tracking URI gets a local `mlflow server` for
+the duration of the search (DESIGN.md: many writers never go straight into one SQLite file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.train import UserCallback
+
+from vgg_ray.config import TrainConfig, default_home, demo, paper
+from vgg_ray.errors import ConfigError
+from vgg_ray.schedules import SCHEDULES
+
+log = logging.getLogger("vgg_ray.tune")
+SCHEDULERS = ("asha", "pbt")
+TRIAL_ID_TAG = "vgg_ray.trial_id"
+SEARCH_TAG = "vgg_ray.search"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    """What a trial's config is drawn from. A range (low, high) is sampled log-uniformly and
+    low == high fixes the value; a choice is drawn uniformly from its values."""
+
+    lr: tuple[float, float] = (1e-3, 1e-1)
+    """Initial (base) learning rate; the paper hand-tuned 1e-2."""
+    weight_decay: tuple[float, float] = (1e-5, 1e-3)
+    """L2 penalty; the paper's 5e-4 is inside the default range."""
+    schedule: tuple[str, ...] = SCHEDULES
+    """Schedule families (vgg_ray.schedules)."""
+    lr_factor: tuple[float, ...] = (0.1, 0.2, 0.5)
+    """Decay factor of the plateau and step schedules (paper: 0.1)."""
+    lr_patience: tuple[int, ...] = (1, 2, 3)
+    """Epochs without improvement before a plateau decay (paper: 2)."""
+    global_batch: tuple[int, ...] = (128, 256, 512)
+    """Images per optimizer step over all workers (paper: 256)."""
+
+    RANGES = ("lr", "weight_decay")
+
+    def validate(self, base: TrainConfig) -> SearchSpace:
+        for name in self.RANGES:
+            low, high = getattr(self, name)
+            if low > high:
+                raise ConfigError(f"search space: {name} range is empty: {low} > {high}")
+            if name == "lr" and low <= 0:
+                raise ConfigError(f"search space: lr must be > 0, got {low}")
+            if low < 0 or (low == 0 < high):
+                raise ConfigError(
+                    f"search space: {name} is sampled on a log scale: its range needs "
+                    f"0 < low <= high (or 0:0 for none), got {low}:{high}"
+                )
+        for item in dataclasses.fields(self):
+            if item.name not in self.RANGES and not getattr(self, item.name):
+                raise ConfigError(f"search space: the choice of {item.name} is empty")
+        for name in self.schedule:
+            if name not in SCHEDULES:
+                raise ConfigError(
+                    f"search space: unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}"
+                )
+        # Every combination must make a valid run: check each value against the base config.
+        for name in ("lr_factor", "lr_patience", "global_batch"):
+            for value in getattr(self, name):
+                try:
+                    replace(base, **{name: value}).validate()
+                except ConfigError as error:
+                    raise ConfigError(f"search space: {name} {value}: {error}") from None
+        return self
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's param_space: a sampler per searched field, a constant per fixed one."""
+        from ray import tune
+
+        space: dict[str, Any] = {}
+        for name in self.RANGES:
+            low, high = getattr(self, name)
+            space[name] = low if low == high else tune.loguniform(low, high)
+        for item in dataclasses.fields(self):
+            if item.name not in self.RANGES:
+                values = list(getattr(self, item.name))
+                space[item.name] = values[0] if len(values) == 1 else tune.choice(values)
+        return space
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """One schedule search: a base training config, a space, a Tune scheduler."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """What every trial starts from; the space's fields replace its values."""
+    space: SearchSpace = field(default_factory=SearchSpace)
+    scheduler: str = "asha"
+    """"asha" (stops poor trials early) or "pbt" (clones good trials into poor ones, perturbing
+    lr and weight decay)."""
+    num_samples: int = 8
+    """Trials (PBT: the population size)."""
+    metric: str = "val_top1_error"
+    """What trials are ranked by (minimised), as reported each epoch."""
+    max_concurrent_trials: int = 0
+    """0: as many as the cluster's CPUs and GPUs hold (one trial = `train.workers` workers)."""
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = 2
+    """ASHA: 1/reduction_factor of the trials go on at each rung."""
+    perturbation_interval: int = 2
+    """PBT: epochs between exploit/explore steps."""
+    trial_max_failures: int = 2
+    """Restarts of a failed trial (from its latest checkpoint) before it counts as errored."""
+    seed: int | None = 0
+    """Seeds the sampling of trial configs and PBT's perturbations; None: random."""
+    name: str = ""
+    """Names the search in Tune and MLflow; an interrupted search resumes by name."""
+    storage_path: str = ""
+    """Tune's experiment and the trials' checkpoints; "" = <home>/searches."""
+    best_config: str = ""
+    """Where the best trial's config is written (YAML that the train jobs' --config reads);
+    "" = <storage>/<name>-best.yaml (<home>/searches/... for an s3:// storage)."""
+
+    def validate(self) -> SearchConfig:
+        checks = [
+            (
+                self.scheduler in SCHEDULERS,
+                f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}",
+            ),
+            (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+            (self.max_concurrent_trials >= 0, "max_concurrent_trials must be >= 0"),
+            (self.grace_period >= 1, f"grace period must be >= 1, got {self.grace_period}"),
+            (self.reduction_factor > 1, "reduction factor must be > 1"),
+            (self.perturbation_interval >= 1, "perturbation interval must be >= 1"),
+            (self.trial_max_failures >= -1, "trial max failures must be >= 0 (-1: no limit)"),
+            (bool(self.metric), "metric must be named"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.scheduler == "pbt" and self.num_samples < 2:
+            raise ConfigError("PBT needs a population: num_samples must be >= 2")
+        self.train.validate()
+        self.space.validate(self.train)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base: SearchConfig | None = None) -> SearchConfig:
+        """`values` (e.g. a YAML file) over `base`: `train` and `space` merge field by field."""
+        base = base or cls()
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        space = dict(values.pop("space", None) or {})
+        unknown |= {f"space.{k}" for k in set(space) - set(SearchSpace.__dataclass_fields__)}
+        if unknown:
+            raise ConfigError(f"unknown search option(s): {', '.join(sorted(unknown))}")
+        train = base.train.to_dict()
+        overrides = dict(values.pop("train", None) or {})
+        train["data"].update(overrides.pop("data", None) or {})
+        train.update(overrides)
+        space_values = {k: tuple(v) if isinstance(v, list | tuple) else (v,) for k, v in
+                        space.items()}  # fmt: skip
+        for name in SearchSpace.RANGES:  # a single value fixes a range
+            if name in space_values and len(space_values[name]) == 1:
+                space_values[name] = space_values[name] * 2
+            if name in space_values and len(space_values[name]) != 2:
+                raise ConfigError(f"search space: {name} is a range: give [low, high] or a value")
+        return replace(
+            base,
+            **values,
+            train=TrainConfig.from_dict(train),
+            space=replace(base.space, **space_values),
+        )
+
+
+def demo_search(arch: str = "A", **overrides: Any) -> SearchConfig:
+    """The embedded default: 4 trials of 4 epochs on the demo data, net A at 1/16 width (the
+    cheapest net), batches the demo set fits; a few minutes on a 2-core laptop."""
+    train = demo(arch, epochs=4, step_size=2, warmup_epochs=1, cpus_per_worker=0.5)
+    space = SearchSpace(lr=(3e-3, 5e-2), global_batch=(16, 32), lr_patience=(1, 2))
+    values: dict[str, Any] = dict(train=train, space=space, num_samples=4, perturbation_interval=1)
+    values.update(overrides)
+    return SearchConfig(**values)
+
+
+def paper_search(arch: str = "A", **overrides: Any) -> SearchConfig:
+    """Around the paper's recipe at full size (use with a manifest of ImageNet shards)."""
+    return SearchConfig(**{"train": paper(arch), "num_samples": 16, **overrides})
+
+
+PROFILES = {"demo": demo_search, "paper": paper_search}
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """Where a finished search left its results."""
+
+    name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    experiment_path: str
+    best_config_path: str
+    best_trial_id: str
+    best_metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+    """The results table: one row per trial."""
+
+
+# ------------------------------------------------------------------------------ trial side
+
+
+class ForwardEpochs(UserCallback):
+    """Train callback (on the Train controller): hands each epoch-end report to the trial's
+    driver function through a Ray queue. Mid-epoch checkpoints are left out: Tune ranks epochs.
+
+    Ray's own TuneReportCallback forwards metrics only; PBT and trial restarts need Tune to
+    hold checkpoints, and only the driver function can report those (`ray.tune.report`)."""
+
+    def __init__(self, reports):
+        self.reports = reports
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if "val_top1_error" in metrics[0]:
+            self.reports.put((metrics[0], checkpoint))
+
+
+def trial_config(base: TrainConfig, params: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """The base training config with a trial's sampled values."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return replace(base, **{k: v for k, v in params.items() if k in fields}, **overrides)
+
+
+def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
+    """Tune driver function of one trial: fit the trial's TorchTrainer, report its epochs.
+
+    Runs again after a failure, a PBT exploit or a resumed search; each run is a fresh Train
+    run that starts from the checkpoint Tune gives (`ray.tune.get_checkpoint()`)."""
+    from ray.util.queue import Empty, Queue
+
+    from vgg_ray.train import build_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    start = tune.get_checkpoint()
+    config = trial_config(
+        TrainConfig.from_dict(context["train"]),
+        params,
+        # A fresh Train run per attempt: Train's own resume would prefer the run's latest
+        # checkpoint over the donor's that PBT hands over.
+        run_name=f"{trial_id}-{uuid.uuid4().hex[:6]}",
+        storage_path=context["trials_storage"],
+        tracking_uri=context["tracking_uri"],
+    ).validate()
+    start_epoch = 0
+    if start is not None:
+        from vgg_ray import checkpoint as ckpt
+
+        with start.as_directory() as directory:
+            start_epoch = ckpt.load_state(directory)["loop"]["epoch"]
+    run_id = _child_run(context, trial_id, config, params, start, start_epoch)
+
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = build_trainer(config, run_id, callbacks=[ForwardEpochs(reports)],
+                            start_checkpoint=start)  # fmt: skip
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the driver thread, which raises it
+            outcome["error"] = error
+
+    # fit() blocks until training ends; meanwhile this thread reports each epoch to Tune (a
+    # Tune report must come from the driver function's own thread). Daemon: when Tune stops
+    # the trial (ASHA), the trial's process ends and takes the Train run with it.
+    fitting = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    fitting.start()
+    while True:
+        alive = fitting.is_alive()  # read before get(): a last report is never missed
+        try:
+            metrics, checkpoint = reports.get(timeout=1.0)
+        except Empty:
+            if alive:
+                continue
+            break
+        tune_checkpoint = None
+        if checkpoint is not None:
+            tune_checkpoint = tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+        tune.report({**metrics, "epochs_done": metrics["epoch"] + 1},
+                        checkpoint=tune_checkpoint)  # fmt: skip
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _child_run(
+    context: dict[str, Any], trial_id: str, config: TrainConfig, params: dict[str, Any],
+    start, start_epoch: int,
+) -> str:  # fmt: skip
+    """The trial's MLflow run, nested under the search's; the same run on every restart."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from vgg_ray.train import _tags
+
+    client = MlflowClient(context["tracking_uri"])
+    experiment_id = context["experiment_id"]
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' AND "
+        f"tags.`mlflow.parentRunId` = '{context['parent_run_id']}'",
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {**_tags(config), "mlflow.parentRunId": context["parent_run_id"],
+                TRIAL_ID_TAG: trial_id, SEARCH_TAG: context["name"]}  # fmt: skip
+        run_id = client.create_run(experiment_id, run_name=trial_id, tags=tags).info.run_id
+        params_out = {k: str(v)[:6000] for k, v in config.flat().items() if k != "run_name"}
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params_out.items()])
+    # Params cannot change in MLflow; a PBT trial's values do: log them at each start.
+    now = int(time.time() * 1000)
+    values = {f"trial_{k}": float(v) for k, v in params.items() if isinstance(v, int | float)}
+    values["start_epoch"] = start_epoch
+    client.log_batch(run_id, metrics=[Metric(k, v, now, start_epoch) for k, v in values.items()])
+    client.set_tag(run_id, "schedule", config.schedule)
+    if start is not None:
+        client.set_tag(run_id, "vgg_ray.start_checkpoint", start.path)
+    return run_id
+
+
+# ------------------------------------------------------------------------------ search side
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    backend_uri: str, artifacts: Path, *, log_path: Path, timeout_s: float = 120
+) -> Iterator[str]:
+    """A local `mlflow server` on 127.0.0.1 over `backend_uri` (a sqlite:/// database) for the
+    duration of the block; yields its http:// tracking URI."""
+    port = _free_port()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if backend_uri.startswith("sqlite:///"):
+        Path(backend_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",  # one writer to SQLite
+    ]  # fmt: skip
+    with open(log_path, "ab") as output:
+        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                raise ConfigError(f"mlflow server exited during start-up; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfigError(f"mlflow server did not start within {timeout_s:.0f} s; "
+                                  f"see {log_path}")  # fmt: skip
+            time.sleep(0.5)
+        yield uri
+    finally:
+        # The server's workers share its session: stop them all (this process started it).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, 9)
+            server.wait()
+
+
+def _tracking(config: SearchConfig, home: Path) -> contextlib.AbstractContextManager[str]:
+    uri = config.train.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return contextlib.nullcontext(uri)
+    if uri and not uri.startswith("sqlite:///"):
+        raise ConfigError(
+            f"a search needs an http(s) MLflow tracking server or a sqlite:/// database (served "
+            f"for the search by a local mlflow server), got {uri!r}"
+        )
+    uri = uri or f"sqlite:///{home / 'mlflow.db'}"
+    database = Path(uri.removeprefix("sqlite:///"))
+    return mlflow_server(uri, database.parent / "mlartifacts",
+                         log_path=database.parent / "logs" / "mlflow-server.log")  # fmt: skip
+
+
+def _concurrency(config: SearchConfig) -> int:
+    """Trials at once: as many as the cluster's CPUs and GPUs hold."""
+    import ray
+
+    from vgg_ray.train import gpus_per_worker
+
+    if config.max_concurrent_trials:
+        return config.max_concurrent_trials
+    train = config.train
+    resources = ray.cluster_resources()
+    # each trial: its workers, plus a CPU for its Ray Data read/decode tasks
+    per_trial_cpu = train.workers * train.cpus_per_worker + train.data.read_cpus
+    fits = int(resources.get("CPU", 1) // per_trial_cpu)
+    gpus = gpus_per_worker(train)
+    if gpus:
+        fits = min(fits, int(resources.get("GPU", 0) // (gpus * train.workers)))
+    return max(1, min(fits, config.num_samples))
+
+
+def _scheduler(config: SearchConfig):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if config.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="epochs_done",
+            max_t=config.train.epochs,
+            grace_period=min(config.grace_period, config.train.epochs),
+            reduction_factor=config.reduction_factor,
+        )
+    mutations = {}
+    for name in SearchSpace.RANGES:
+        low, high = getattr(config.space, name)
+        if low < high:
+            mutations[name] = tune.loguniform(low, high)
+    if not mutations:
+        raise ConfigError("PBT perturbs lr and weight decay: give one of them a range")
+    return PopulationBasedTraining(
+        time_attr="epochs_done",
+        perturbation_interval=config.perturbation_interval,
+        hyperparam_mutations=mutations,
+        log_config=True,  # pbt_global.txt / pbt_policy_*.txt in the experiment folder
+    )
+
+
+def _search_storage(config: SearchConfig, home: Path) -> tuple[Any, str, str]:
+    """(filesystem or None, Tune's storage path, the trials' Train storage path)."""
+    storage = config.storage_path or str(home / "searches")
+    if storage.startswith("s3://"):
+        from vgg_ray.storage import open_storage
+
+        filesystem, path = open_storage(storage, s3_endpoint=config.train.data.s3_endpoint)
+        return filesystem, path, f"{storage.rstrip('/')}/{config.name}-trials"
+    path = Path(storage).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return None, str(path), str(path / f"{config.name}-trials")
+
+
+def _parent_run(client, experiment_id: str, config: SearchConfig, *, resume: bool) -> str:
+    from mlflow.entities import Param
+
+    if resume:
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{config.name}' AND "
+            "tags.`vgg_ray.role` = 'search'",
+        )  # fmt: skip
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=config.name,
+                            tags={SEARCH_TAG: config.name, "vgg_ray.role": "search",
+                                  "arch": config.train.arch})  # fmt: skip
+    params = {k: v for k, v in config.to_dict().items() if k not in ("train", "space")}
+    params.update({f"space.{k}": v for k, v in config.to_dict()["space"].items()})
+    params.update({f"train.{k}": v for k, v in config.train.flat().items()})
+    client.log_batch(run.info.run_id,
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items()])  # fmt: skip
+    return run.info.run_id
+
+
+_ACTIVE: dict[str, dict[str, Any]] = {}
+"""Per search name, where its MLflow runs are: filled by `search` in this process. A restored
+Tuner brings back its callbacks as they were pickled; looking this up at call time keeps them
+pointing at the tracking server of this session."""
+
+
+class TrialStatus(tune.Callback):
+    """On the search driver: sets each trial's child run status as Tune decides it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def _run(self, trial):
+        from mlflow.tracking import MlflowClient
+
+        where = _ACTIVE.get(self.name)
+        if where is None:
+            return None, None
+        client = MlflowClient(where["tracking_uri"])
+        found = client.search_runs(
+            [where["experiment_id"]],
+            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' AND "
+            f"tags.`mlflow.parentRunId` = '{where['parent_run_id']}'",
+        )
+        return client, (found[0].info.run_id if found else None)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        client, run_id = self._run(trial)
+        if run_id:
+            done = (trial.last_result or {}).get("epochs_done", 0)
+            stopped = done < _ACTIVE[self.name]["epochs"]
+            client.set_tag(run_id, "vgg_ray.stopped_early", str(stopped).lower())
+            client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        client, run_id = self._run(trial)
+        if run_id:
+            client.set_tag(run_id, "vgg_ray.retried", "true")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        client, run_id = self._run(trial)
+        if run_id:
+            client.set_terminated(run_id, "FAILED")
+
+
+def resolve(config: SearchConfig) -> SearchConfig:
+    """Fill the embedded defaults: the search's name."""
+    return replace(config, name=config.name or f"search-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def search(
+    config: SearchConfig,
+    *,
+    resume: bool = False,
+    driver: Callable[[dict[str, Any], dict[str, Any]], None] = run_trial,
+) -> SearchSummary:
+    """Run (or with `resume`, continue) one schedule search; the function `vgg-ray tune` and
+    jobs/tune_schedule.py call. `driver` is a trial's Tune driver function (tests wrap it).
+    Ctrl-C (or SIGUSR1) ends the search with its state saved; `resume` continues it."""
+    from mlflow.tracking import MlflowClient
+
+    from vgg_ray import runtime
+
+    config = resolve(config).validate()
+    home = default_home()
+    filesystem, storage, trials_storage = _search_storage(config, home)
+    experiment_path = f"{storage.rstrip('/')}/{config.name}"
+    exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
+    if exists and not resume:
+        raise ConfigError(f"search {config.name!r} already exists in {storage}; pass --resume to "
+                          "continue it, or another --name")  # fmt: skip
+    if resume and not exists:
+        raise ConfigError(f"no search {config.name!r} in {storage} to resume")
+    manifest = config.train.data.manifest
+    if manifest and "://" not in manifest:  # trials run in their own working directories
+        config = replace(config, train=replace(config.train, data=replace(
+            config.train.data, manifest=str(Path(manifest).resolve()))))  # fmt: skip
+
+    runtime.connect()
+    with _tracking(config, home) as tracking_uri:
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(config.train.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(config.train.experiment)
+        )
+        parent_run_id = _parent_run(client, experiment_id, config, resume=resume)
+        concurrency = _concurrency(config)
+        print(
+            f"vgg-ray tune: search {config.name!r}: {config.num_samples} trials of net "
+            f"{config.train.arch} ({config.scheduler}, {concurrency} at a time); MLflow run "
+            f"{parent_run_id} at {tracking_uri}",
+            flush=True,
+        )
+        context = {
+            "train": config.train.to_dict(),
+            "trials_storage": trials_storage,
+            "tracking_uri": tracking_uri,
+            "experiment_id": experiment_id,
+            "parent_run_id": parent_run_id,
+            "name": config.name,
+        }
+        # The driver function only waits on its TorchTrainer, whose workers hold the resources
+        # (Tune refuses a trial of no resources at all).
+        trainable = tune.with_resources(
+            tune.with_parameters(driver, context=context), {"CPU": 0.01}
+        )
+        _ACTIVE[config.name] = dict(
+            tracking_uri=tracking_uri,
+            experiment_id=experiment_id,
+            parent_run_id=parent_run_id,
+            epochs=config.train.epochs,
+        )
+        try:
+            if resume:
+                tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True,
+                                           storage_filesystem=filesystem)  # fmt: skip
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=config.space.param_space(),
+                    tune_config=tune.TuneConfig(
+                        metric=config.metric,
+                        mode="min",
+                        scheduler=_scheduler(config),
+                        search_alg=_searcher(config),
+                        num_samples=config.num_samples,
+                        max_concurrent_trials=concurrency,
+                        reuse_actors=False,  # a trial's process ends with its Train run
+                    ),
+                    run_config=tune.RunConfig(
+                        name=config.name,
+                        storage_path=storage,
+                        storage_filesystem=filesystem,
+                        failure_config=tune.FailureConfig(max_failures=config.trial_max_failures),
+                        # PBT warns below 3: a donor's checkpoint must outlive its next ones
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                        callbacks=[TrialStatus(config.name)],
+                        # A trial ends with its last epoch, before a scheduler decides on it:
+                        # PBT would otherwise clone a finished trial into one with no epochs left.
+                        stop={"epochs_done": config.train.epochs},
+                        verbose=1,
+                    ),
+                )
+            grid = tuner.fit()
+        except BaseException as error:
+            client.set_terminated(
+                parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            )
+            raise
+        return _finish(config, grid, client, parent_run_id, tracking_uri, experiment_path, home)
+
+
+def _searcher(config: SearchConfig):
+    """Random search over the space, seeded so a search's trials can be drawn again."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=config.seed)
+
+
+def _finish(
+    config: SearchConfig, grid, client, parent_run_id: str, tracking_uri: str,
+    experiment_path: str, home: Path,
+) -> SearchSummary:  # fmt: skip
+    """Results table and best config, logged on the parent run."""
+    import tempfile
+
+    metric, rows, results = config.metric, [], {}
+    for result in grid:
+        last = result.metrics or {}
+        history = result.metrics_dataframe
+        values = [] if history is None or metric not in history else history[metric].dropna()
+        epochs = int(last.get("epochs_done", 0))
+        status = "finished" if epochs >= config.train.epochs else "stopped early"
+        trial = last.get("trial_id") or Path(result.path).name
+        results[trial] = result
+        rows.append({
+            "trial": trial,
+            "status": "error" if result.error else status,
+            "epochs": epochs,
+            # a trial that failed before it started has no config
+            **{k: (result.config or {}).get(k) for k in SearchSpace.__dataclass_fields__},
+            f"last_{metric}": last.get(metric, math.nan),
+            f"best_{metric}": float(min(values)) if len(values) else math.nan,
+        })  # fmt: skip
+    rows.sort(key=lambda r: math.inf if math.isnan(r[f"best_{metric}"]) else r[f"best_{metric}"])
+    if not rows or math.isnan(rows[0][f"best_{metric}"]):
+        client.set_terminated(parent_run_id, "FAILED")
+        raise ConfigError(f"search {config.name!r}: no trial reported a result; see the "
+                          f"trials' errors under {experiment_path}")  # fmt: skip
+    best = rows[0]
+    best_result = results[best["trial"]]
+    if config.best_config:
+        best_path = Path(config.best_config)
+    elif "://" in experiment_path or config.storage_path.startswith("s3://"):
+        best_path = home / "searches" / f"{config.name}-best.yaml"
+    else:
+        best_path = Path(f"{experiment_path}-best.yaml")
+    best_path.parent.mkdir(parents=True, exist_ok=True)
+    best_train = trial_config(config.train, best_result.config)
+    best_path.write_text(best_config_yaml(best_train, source=f"{config.name}, {best['trial']}"))
+
+    with tempfile.TemporaryDirectory() as directory:
+        table = Path(directory) / "results.csv"
+        with table.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (Path(directory) / "results.md").write_text(_markdown(rows))
+        client.log_artifact(parent_run_id, str(table))
+        client.log_artifact(parent_run_id, str(Path(directory) / "results.md"))
+    client.log_artifact(parent_run_id, str(best_path))
+    client.log_metric(parent_run_id, f"best_{metric}", best[f"best_{metric}"])
+    client.set_tag(parent_run_id, "best_trial", best["trial"])
+    client.set_terminated(parent_run_id, "FINISHED")
+    job = f"jobs/train_{config.train.arch.replace('-', '_')}.py"
+    print(
+        f"{_markdown(rows)}vgg-ray tune: best trial {best['trial']}: {metric} "
+        f"{best[f'best_{metric}']:.3f}\n  best config: {best_path} (train it: {job} --config "
+        f"{best_path})\n  MLflow run {parent_run_id} at {tracking_uri}",
+        flush=True,
+    )
+    best_metrics = {k: v for k, v in (best_result.metrics or {}).items()
+                    if isinstance(v, int | float)}  # fmt: skip
+    return SearchSummary(config.name, parent_run_id, tracking_uri, experiment_path,
+                         str(best_path), best["trial"], best_metrics, rows)  # fmt: skip
+
+
+def best_config_yaml(config: TrainConfig, *, source: str = "") -> str:
+    """A TrainConfig as the YAML that `vgg-ray train --config` reads, without where a run goes
+    (run_name, storage_path, tracking_uri: the new run's own)."""
+    import yaml
+
+    values = config.to_dict()
+    for name in ("run_name", "storage_path", "tracking_uri"):
+        values.pop(name)
+    values["data"]["scale"] = list(values["data"]["scale"])  # YAML has no tuples
+    header = f"# best config of Tune search {source}\n" if source else ""
+    return header + yaml.safe_dump(values, sort_keys=False)
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
