@@ -4,7 +4,6 @@ width on 32 px crops of a 3-class set, 1-3 epochs each."""
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -235,36 +234,26 @@ def _final_checkpoint(summary, trial_id: str) -> Path:
     return found[-1]
 
 
-_FAILED_ONCE = "VGG_RAY_TEST_FAIL_MARKERS"
-
-
-def _flaky_trial(params, context):
-    """Raises on each trial's first attempt (a marker file per trial), then runs normally."""
-    from ray import tune
-
-    marker = Path(os.environ[_FAILED_ONCE]) / tune.get_context().get_trial_id()
-    if not marker.exists():
-        marker.touch()
-        raise RuntimeError("injected trial failure")
-    run_trial(params, context)
-
-
 @slow
 def test_a_failed_trial_is_retried_and_the_search_completes(
-    ray_cluster, manifest, tmp_path, tracking, monkeypatch
+    ray_cluster, manifest, tmp_path, tracking
 ):
-    monkeypatch.setenv(_FAILED_ONCE, str(tmp_path))  # the trials' processes inherit it
+    markers = str(tmp_path)
+
+    def flaky_trial(params, context):
+        """Raises on each trial's first attempt (a marker file per trial), then runs normally.
+        A local function: Ray ships it by value (the trials cannot import this module)."""
+        from ray import tune
+
+        marker = Path(markers) / tune.get_context().get_trial_id()
+        if not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected trial failure")
+        run_trial(params, context)
+
     config = tiny(manifest, tmp_path, tracking, num_samples=1, name="flaky",
                   train=replace(tiny(manifest, tmp_path, tracking).train, epochs=1))  # fmt: skip
-    import ray.cloudpickle
-
-    # The trial's process cannot import this test module (tests/ is not on its path): ship
-    # the driver by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        summary = search(config, driver=_flaky_trial)
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    summary = search(config, driver=flaky_trial)
     assert [r["status"] for r in summary.rows] == ["finished"]
     _, _, children = _children(tracking, summary.mlflow_run_id)
     assert len(children) == 1 and children[0].info.status == "FINISHED"
