@@ -267,6 +267,22 @@ def test_flat_val_with_either_labels_file(style, tmp_path):
         assert wnid(row["label"]) == truth[Path(row["key"]).stem]
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
+    """A tree copied from a Mac or a notebook: .DS_Store, AppleDouble "._x.JPEG" twins (not
+    JPEGs), .ipynb_checkpoints/ folders in train/ and val/."""
+    tree = make_demo_tree(tmp_path / "tree", classes=2, train_per_class=3, val_per_class=1)
+    for folder in [tree / "train", tree / "val", *(tree / "train").iterdir()]:
+        (folder / ".DS_Store").write_bytes(b"Bud1\0\0")
+        (folder / ".ipynb_checkpoints").mkdir()
+    for image in list((tree / "train").glob("*/*.JPEG")):
+        (image.parent / f"._{image.name}").write_bytes(b"\0\5\26\7 AppleDouble")
+    summary = prepare(_config(tree, str(tmp_path / "out"), workers=1))
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert [c["wnid"] for c in manifest["classes"]] == [wnid(0), wnid(1)]
+    assert manifest["splits"]["train"]["rows"] == 6 and manifest["splits"]["val"]["rows"] == 2
+    assert summary.rejected == 0  # the "._" twins were never read
+
+
 def test_flat_val_errors(tmp_path):
     tree, truth = _flat_val_tree(tmp_path / "tree")
     with pytest.raises(ConfigError, match="pass --val-labels"):

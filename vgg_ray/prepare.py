@@ -237,10 +237,19 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def _hidden(name: str) -> bool:
+    """.DS_Store, macOS's AppleDouble "._x.JPEG" twins, .ipynb_checkpoints/, ...: copies of a
+    tree from a Mac or a notebook carry them; they are neither images nor classes."""
+    return name.startswith(".")
+
+
 def _images_in(folder: Path) -> list[os.DirEntry]:
-    return sorted(
-        (e for e in os.scandir(folder) if e.is_file() and _is_image(e.name)), key=lambda e: e.name
-    )
+    entries = (e for e in os.scandir(folder) if not _hidden(e.name))
+    return sorted((e for e in entries if e.is_file() and _is_image(e.name)), key=lambda e: e.name)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name))
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -299,7 +308,7 @@ def scan_source(config: PrepareConfig) -> tuple[list[dict], dict[str, list[Item]
     train = src / "train"
     if not train.is_dir():
         raise ConfigError(f"SRC {config.src} has no train/ folder (expected train/<wnid>/*.JPEG)")
-    wnids = sorted(e.name for e in os.scandir(train) if e.is_dir())
+    wnids = _class_folders(train)
     if not wnids:
         raise ConfigError(f"{train} has no class folders (expected train/<wnid>/*.JPEG)")
     index = {wnid: i for i, wnid in enumerate(wnids)}
@@ -328,7 +337,7 @@ def scan_source(config: PrepareConfig) -> tuple[list[dict], dict[str, list[Item]
 
 def _scan_val(val: Path, index: dict[str, int], labels_path: str | None) -> list[Item]:
     items = []
-    for folder in sorted(e.name for e in os.scandir(val) if e.is_dir()):
+    for folder in _class_folders(val):
         if folder not in index:
             raise ConfigError(f"val/{folder} is not a class of train/")
         items += [
