@@ -376,6 +376,8 @@ def add_tune_options(parser: argparse.ArgumentParser) -> None:
     add("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
     add("--reduction-factor", type=float, help="ASHA: 1/factor of the trials go on per rung")
     add("--perturbation-interval", type=int, help="PBT: epochs between perturbations")
+    add("--pbt-synch", action="store_true", default=None,
+        help="PBT: synchronous steps (every trial waits for the population)")  # fmt: skip
     add("--max-failures", dest="trial_max_failures", type=int,
         help="restarts of a failed trial (default 2)")  # fmt: skip
     add("--seed", type=int, help="seeds the sampling of trials")
@@ -389,8 +391,8 @@ def add_tune_options(parser: argparse.ArgumentParser) -> None:
 
 
 _SEARCH_OPTIONS = {"scheduler", "num_samples", "max_concurrent_trials", "grace_period",
-                   "reduction_factor", "perturbation_interval", "trial_max_failures", "name",
-                   "storage_path", "best_config"}  # fmt: skip
+                   "reduction_factor", "perturbation_interval", "pbt_synch", "trial_max_failures",
+                   "name", "storage_path", "best_config"}  # fmt: skip
 _SPACE_OPTIONS = {"lr", "weight_decay", "schedule", "lr_factor", "lr_patience", "global_batch"}
 _SEARCH_TRAIN_OPTIONS = {"arch", "epochs", "workers", "gpus_per_worker", "cpus_per_worker",
                          "tracking_uri", "experiment"}  # fmt: skip

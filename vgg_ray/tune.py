@@ -137,6 +137,11 @@ class SearchConfig:
     """ASHA: 1/reduction_factor of the trials go on at each rung."""
     perturbation_interval: int = 2
     """PBT: epochs between exploit/explore steps."""
+    pbt_synch: bool = False
+    """PBT: the synchronous variant: at each step every trial waits for the whole population
+    (each restarts from its checkpoint), so every step perturbs. Asynchronous PBT compares a
+    trial only with those that have reported by then, and may not perturb at all when trials
+    run at very different speeds."""
     trial_max_failures: int = 2
     """Restarts of a failed trial (from its latest checkpoint) before it counts as errored."""
     seed: int | None = 0
@@ -473,6 +478,7 @@ def _scheduler(config: SearchConfig):
         time_attr="epochs_done",
         perturbation_interval=config.perturbation_interval,
         hyperparam_mutations=mutations,
+        synch=config.pbt_synch,
         log_config=True,  # pbt_global.txt / pbt_policy_*.txt in the experiment folder
     )
 
