@@ -379,6 +379,44 @@ def test_bad_records_are_skipped_and_counted_in_training(ray_cluster, manifest, 
 
 
 @pytest.mark.slow
+def test_a_diverging_run_stops_at_once_keeping_its_last_good_weights(ray_cluster, manifest,
+                                                                     tmp_path):  # fmt: skip
+    """lr 1e8: the first step is finite and throws the weights far off; every later gradient is
+    NaN. Those steps are skipped (the 2 workers agree on each, or DDP would hang); after 3 in a
+    row the run stops with one line, without spending its restarts on a run that would diverge
+    the same way, and its checkpoint holds the weights from before the streak."""
+    from mlflow.tracking import MlflowClient
+
+    from vgg_ray.train import train
+
+    config = tiny(manifest, tmp_path, workers=2, epochs=1, lr=1e8, max_nonfinite_steps=3,
+                  checkpoint_every_steps=0, max_failures=3)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"run 'run' diverged: 3 steps in a row had a "
+                       r"non-finite gradient .* in \S+-diverged: continue with --resume "
+                       r"--run-name run and a lower --lr"):  # fmt: skip
+        train(config)
+
+    (folder,) = (tmp_path / "checkpoints" / "run").glob("epoch-*")
+    assert folder.name == "epoch-0000-step-00000001-diverged"
+    state = ckpt.load_state(folder)
+    assert (state["loop"]["step"], state["loop"]["batch_in_epoch"]) == (1, 1)
+    assert all(t.isfinite().all() for t in state["model"].values())
+
+    client = MlflowClient(config.tracking_uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(config.experiment).experiment_id],
+        filter_string="tags.`vgg_ray.run_name` = 'run'",
+    )
+    assert run.info.status == "FAILED"
+    assert run.data.tags["vgg_ray.diverged"].endswith(folder.name)
+    # One attempt only: a restart would have logged step 1 again.
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_step")]
+    assert steps == [1, 2, 3]
+    (norm,) = [m for m in client.get_metric_history(run.info.run_id, "grad_norm") if m.step == 1]
+    assert 0 < norm.value < float("inf")
+
+
+@pytest.mark.slow
 def test_worker_killed_twice_mid_epoch_resumes_and_matches(ray_cluster, manifest, tmp_path):
     """SIGKILL a Ray Train worker (of 2) when the checkpoint of step 4 (epoch 0) appears and
     again at step 16 (epoch 1): the run restarts from its latest checkpoint each time and ends

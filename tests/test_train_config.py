@@ -1,5 +1,6 @@
 """The training plane without a cluster: config, options, init, the step, the tracker."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -45,6 +46,8 @@ def test_micro_batch_keeps_the_global_batch_whatever_the_worker_count():
         (["--scale", "big"], "not a scale or range"),
         (["--manifest", "/nonexistent/manifest.json"], "/nonexistent/manifest.json"),
         (["--epochs", "0"], "epochs must be >= 1"),
+        (["--clip-grad-norm", "-1"], "clip_grad_norm must be >= 0"),
+        (["--max-nonfinite-steps", "0"], "max_nonfinite_steps must be >= 1"),
         (["--init", "/no/such/weights.pth"], "init '/no/such/weights.pth'"),
         (["--config", "/no/such.yaml"], "cannot read /no/such.yaml"),
     ],
@@ -107,8 +110,57 @@ def test_gradient_accumulation_equals_one_big_batch():
         model = build_vgg("A", 4, 1 / 16, dropout=0.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         micro = list(zip(images.chunk(chunks), labels.chunk(chunks), strict=True))
-        loss, correct = train_step(model, opt, micro)
-        results.append((loss, correct.tolist(), model.classifier[6].weight.detach().clone()))
+        step = train_step(model, opt, micro)
+        results.append((step.loss, step.correct.tolist(),
+                        model.classifier[6].weight.detach().clone()))  # fmt: skip
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert results[0][1] == results[1][1]
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
+
+
+def _snapshot(model, optimizer) -> list:
+    return [t.clone() for t in model.state_dict().values()] + [
+        state["momentum_buffer"].clone() for state in optimizer.state.values()
+    ]
+
+
+def test_a_step_whose_gradient_is_not_finite_is_skipped():
+    torch.manual_seed(0)
+    model = build_vgg("A", 4, 1 / 16, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    assert train_step(model, opt, [(images, labels)]).applied  # fills the momentum buffers
+    before = _snapshot(model, opt)
+
+    poisoned = images.clone()
+    poisoned[2, 0, 5, 5] = float("nan")  # one bad pixel: NaN loss, NaN gradient
+    step = train_step(model, opt, [(images[:2], labels[:2]), (poisoned[2:], labels[2:])])
+    assert not step.applied and math.isnan(step.grad_norm)
+    # No update at all: weights, momentum and weight decay untouched.
+    for got, want in zip(_snapshot(model, opt), before, strict=True):
+        assert torch.equal(got, want)
+
+    step = train_step(model, opt, [(images, labels)])
+    assert step.applied and math.isfinite(step.loss)
+    assert not torch.equal(model.classifier[6].weight, before[-8])
+
+
+def test_clip_grad_norm_clips_like_torch_and_reports_the_norm_before():
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    models = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        models.append(build_vgg("A", 4, 1 / 16, dropout=0.0))
+    ours, reference = models
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+    step = train_step(ours, opt, [(images, labels)], clip_grad_norm=0.002)
+
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    torch.nn.functional.cross_entropy(reference(images), labels).backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.002)
+    ref_opt.step()
+    assert step.grad_norm == pytest.approx(norm.item(), rel=1e-5)
+    assert step.grad_norm > 0.004  # so the clip halves the gradient or more
+    for got, want in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

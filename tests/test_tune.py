@@ -238,28 +238,38 @@ def _final_checkpoint(summary, trial_id: str) -> Path:
 
 
 @slow
-def test_a_failed_trial_is_retried_and_the_search_completes(
+def test_a_failed_trial_is_retried_a_diverged_one_is_not_and_the_search_completes(
     ray_cluster, manifest, tmp_path, tracking
 ):
     markers = str(tmp_path)
 
-    def flaky_trial(params, context):
-        """Raises on each trial's first attempt (a marker file per trial), then runs normally.
-        A local function: Ray ships it by value (the trials cannot import this module)."""
+    def trial(params, context):
+        """Trial 0 raises on its first attempt (a marker file), then runs normally; trial 1
+        trains at lr 1e8 and diverges in its first epoch. A local function: Ray ships it by
+        value (the trials cannot import this module)."""
         from ray import tune
 
-        marker = Path(markers) / tune.get_context().get_trial_id()
-        if not marker.exists():
+        trial_id = tune.get_context().get_trial_id()
+        if trial_id.endswith("00001"):
+            params = {**params, "lr": 1e8}
+        marker = Path(markers) / trial_id
+        if trial_id.endswith("00000") and not marker.exists():
             marker.touch()
             raise RuntimeError("injected trial failure")
         run_trial(params, context)
 
-    config = tiny(manifest, tmp_path, tracking, num_samples=1, name="flaky",
-                  train=replace(tiny(manifest, tmp_path, tracking).train, epochs=1))  # fmt: skip
-    summary = search(config, driver=flaky_trial)
-    assert [r["status"] for r in summary.rows] == ["finished"]
+    config = tiny(manifest, tmp_path, tracking, num_samples=2, name="faults",
+                  train=replace(tiny(manifest, tmp_path, tracking).train, epochs=1,
+                                max_nonfinite_steps=2))  # fmt: skip
+    summary = search(config, driver=trial)
+    statuses = {r["trial"][-5:]: r["status"] for r in summary.rows}
+    assert statuses == {"00000": "finished", "00001": "diverged"}  # 00000 after its retry
+    assert summary.best_trial_id.endswith("00000")
     _, _, children = _children(tracking, summary.mlflow_run_id)
-    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    tags = {c.data.tags["vgg_ray.trial_id"][-5:]: c.data.tags for c in children}
+    assert tags["00001"]["vgg_ray.diverged"] == "true"
+    assert "vgg_ray.retried" not in tags["00001"]  # ended, not failed: a retry would diverge
+    assert all(c.info.status == "FINISHED" for c in children)
 
 
 @slow

@@ -76,6 +76,9 @@ def add_train_options(parser: argparse.ArgumentParser, *, arch: str | None = Non
     add("--grad-accum", type=int, help="micro-batches per step, where memory is short")
     add("--lr", type=float, help="initial learning rate (paper: 0.01)")
     add("--weight-decay", type=float)
+    add("--clip-grad-norm", type=float, help="clip each step's gradient to this L2 norm (0: off)")
+    add("--max-nonfinite-steps", type=int, help="steps in a row with a non-finite gradient "
+        "(each skipped) before the run stops as diverged (default 20)")  # fmt: skip
     add("--scale", type=_scale, help="training scale S: 256, 384 or a jitter range 256-512")
     add("--eval-scale", type=int, help="validation scale Q")
     add("--crop", type=int, help="training crop size (paper: 224)")
@@ -108,6 +111,8 @@ _LOOP_OPTIONS = {
     "grad_accum",
     "lr",
     "weight_decay",
+    "clip_grad_norm",
+    "max_nonfinite_steps",
     "width",
     "init",
     "bf16",

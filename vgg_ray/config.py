@@ -61,6 +61,11 @@ class TrainConfig:
     """Learning-rate schedule family (vgg_ray.schedules): "plateau" (the paper's rule above),
     "step" (x lr_factor every step_size epochs), "cosine" (to 0 at `epochs`), "warmup_cosine"
     (linear warm-up over warmup_epochs, then cosine)."""
+    clip_grad_norm: float = 0.0
+    """Scale each step's gradient down to this global L2 norm (0: off, as in the paper)."""
+    max_nonfinite_steps: int = 20
+    """A step whose gradient is not finite (inf/NaN) is skipped; after this many in a row the
+    run stops as diverged, its checkpoint holding the weights from before them."""
     step_size: int = 20
     """Epochs between decays of the "step" schedule."""
     warmup_epochs: int = 5
@@ -112,6 +117,11 @@ class TrainConfig:
             (
                 self.schedule in SCHEDULES,
                 f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}",
+            ),
+            (self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}"),
+            (
+                self.max_nonfinite_steps >= 1,
+                f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}",
             ),
             (self.step_size >= 1, f"step size must be >= 1 epoch, got {self.step_size}"),
             (self.warmup_epochs >= 1, f"warmup epochs must be >= 1, got {self.warmup_epochs}"),

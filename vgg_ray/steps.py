@@ -6,8 +6,10 @@ what trains.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,16 +18,35 @@ from torch import nn
 from vgg_ray.parallel import autocast
 
 
+class StepResult(NamedTuple):
+    """What one optimizer step did."""
+
+    loss: float
+    """Mean loss of this worker's images."""
+    correct: torch.Tensor
+    """Top-1 and top-5 correct counts of this worker's images, on the device."""
+    grad_norm: float
+    """Global L2 norm of the gradient before clipping: the same on every worker (DDP
+    all-reduced the gradient first). Not finite when the step was skipped."""
+
+    @property
+    def applied(self) -> bool:
+        """Whether the optimizer updated the weights (the gradient was finite)."""
+        return math.isfinite(self.grad_norm)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     bf16: bool = False,
-) -> tuple[float, torch.Tensor]:
+    clip_grad_norm: float = 0.0,
+) -> StepResult:
     """Forward and backward over the micro-batches of one step (gradient accumulation), then one
-    optimizer update. Returns the mean loss (a float: the only device sync of the step) and the
-    top-1/top-5 correct counts of the step as a tensor on the device."""
+    optimizer update, unless the gradient is not finite: such a step is skipped, as AMP's
+    GradScaler skips one, so one bad batch cannot turn weeks of weights into NaN.
+    `clip_grad_norm` > 0 scales the gradient down to that global L2 norm first."""
     device = micro_batches[0][0].device
     total = sum(len(labels) for _, labels in micro_batches)
     loss_sum = torch.zeros((), device=device)
@@ -42,8 +63,17 @@ def train_step(
             (loss / total).backward()
         loss_sum += loss.detach()
         correct += topk_correct(logits.detach(), labels)
-    optimizer.step()
-    return loss_sum.item() / total, correct
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # The step's one device sync, before the update: whether to apply it. It is decided on the
+    # all-reduced gradient, never on the local loss, so every worker skips the same steps and
+    # the replicas' weights stay equal.
+    mean_loss, norm = (torch.stack([loss_sum / total, grad_norm.float()])).tolist()
+    if math.isfinite(norm):
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, grad_norm)
+        optimizer.step()
+    return StepResult(mean_loss, correct, norm)
 
 
 def topk_correct(

@@ -147,7 +147,10 @@ class Worker:
         for epoch in range(loop["epoch"], config.epochs):
             for group in self.optimizer.param_groups:
                 group["lr"] = config.lr * self.schedule.multiplier(epoch)
-            metrics = self._metrics(epoch, self.train_epoch(epoch), self.validate())
+            trained = self.train_epoch(epoch)
+            if trained is None:  # diverged: train_epoch checkpointed the weights from before
+                return
+            metrics = self._metrics(epoch, trained, self.validate())
             self.schedule.update(1 - metrics["val_top1_error"])
             loop.update(epoch=epoch + 1, batch_in_epoch=0, epoch_sums=None,
                         best=min(loop["best"], metrics[SCORE]))  # fmt: skip
@@ -166,9 +169,10 @@ class Worker:
         if lost:
             log.warning("%d metric values could not be sent to MLflow", lost)
 
-    def train_epoch(self, epoch: int) -> list[float]:
+    def train_epoch(self, epoch: int) -> list[float] | None:
         """One pass over this worker's share of the epoch. Returns the sums over all ranks:
-        [rows, loss sum, top-1 correct, top-5 correct, data wait s, elapsed s, skipped]."""
+        [rows, loss sum, top-1 correct, top-5 correct, data wait s, elapsed s, skipped], or None
+        when the run diverged (`max_nonfinite_steps` skipped steps in a row)."""
         config, loop, device = self.config, self.loop, self.device
         stream = SplitStream(self.manifest, "train", config.data, epoch=epoch, rank=self.rank,
                              world_size=self.world_size, batch_size=config.micro_batch,
@@ -180,6 +184,8 @@ class Worker:
         sums = loop.get("epoch_sums") if skip and self.rank == 0 else None
         seen, loss_sum, c1, c5, wait, before = sums or (0.0, 0.0, 0, 0, 0.0, 0.0)
         correct = torch.tensor([int(c1), int(c5)], dtype=torch.long, device=device)
+        if not skip:
+            loop["nonfinite_steps"] = 0  # steps skipped this epoch: the same on every rank
         started = tick = time.perf_counter() - before
         for micro_batches in _grouped(iter(stream), config.grad_accum):
             if skip:
@@ -190,18 +196,28 @@ class Worker:
                 micro_batches = [(x.contiguous(memory_format=torch.channels_last), y)
                                  for x, y in micro_batches]  # fmt: skip
             wait += time.perf_counter() - tick
-            loss, step_correct = train_step(self.model, self.optimizer, micro_batches,
-                                            bf16=self.bf16)  # fmt: skip
-            rows = sum(len(y) for _, y in micro_batches)
-            seen, loss_sum = seen + rows, loss_sum + loss * rows
-            correct += step_correct
+            step = train_step(self.model, self.optimizer, micro_batches, bf16=self.bf16,
+                              clip_grad_norm=config.clip_grad_norm)  # fmt: skip
             loop["step"] += 1
             loop["batch_in_epoch"] += 1
+            if step.applied:
+                rows = sum(len(y) for _, y in micro_batches)
+                seen, loss_sum = seen + rows, loss_sum + step.loss * rows
+                correct += step.correct
+                loop["nonfinite_streak"] = 0
+            else:  # skipped: not counted in the epoch's loss and accuracy
+                loop["nonfinite_steps"] = loop.get("nonfinite_steps", 0) + 1
+                loop["nonfinite_streak"] = streak = loop.get("nonfinite_streak", 0) + 1
+                if streak >= config.max_nonfinite_steps:
+                    self._stop_diverged(epoch, streak, [seen, loss_sum, *correct.tolist(), wait,
+                                                        time.perf_counter() - started])  # fmt: skip
+                    return None
             if loop["step"] % config.log_every_steps == 0:
                 self.tracker.log_metrics(
-                    {"train_loss_step": loss, "lr": self.optimizer.param_groups[0]["lr"]},
+                    {"train_loss_step": step.loss, "grad_norm": step.grad_norm,
+                     "lr": self.optimizer.param_groups[0]["lr"]},
                     step=loop["step"],
-                )
+                )  # fmt: skip
             if config.checkpoint_every_steps and loop["step"] % config.checkpoint_every_steps == 0:
                 partial = [seen, loss_sum, *correct.tolist(), wait, time.perf_counter() - started]
                 loop["epoch_sums"] = self._sum_over_ranks(partial)
@@ -210,6 +226,23 @@ class Worker:
         elapsed = time.perf_counter() - started
         return self._sum_over_ranks([seen, loss_sum, *correct.tolist(), wait, elapsed,
                                      stream.skipped])  # fmt: skip
+
+    def _stop_diverged(self, epoch: int, streak: int, partial: list[float]) -> None:
+        """Checkpoint the weights from before the streak of skipped steps (none of them changed
+        the weights) and report the run as diverged. The streak's batches are handed back to the
+        epoch, so a run continued with a lower lr trains on them."""
+        loop = self.loop
+        back = min(streak, loop["batch_in_epoch"])  # a streak may have begun last epoch
+        loop["step"] -= back
+        loop["batch_in_epoch"] -= back
+        loop["nonfinite_steps"] -= back
+        loop["nonfinite_streak"] = 0
+        loop["epoch_sums"] = self._sum_over_ranks(partial)
+        if self.rank == 0:
+            log.error("epoch %d: %d steps in a row had a non-finite gradient; stopping the run",
+                      epoch + 1, streak)  # fmt: skip
+        self.report({"epoch": epoch, "step": loop["step"], "diverged": float(streak)},
+                    is_epoch_end=False, suffix="-diverged")  # fmt: skip
 
     def validate(self) -> list[float]:
         """[rows, top-1 correct, top-5 correct, loss sum] over the whole val split, all ranks."""
@@ -237,13 +270,14 @@ class Worker:
             "images_per_s": rows / max(elapsed / self.world_size, 1e-9),
             "data_wait_share": wait / max(elapsed, 1e-9),
             "skipped_records": skipped,
+            "nonfinite_steps": self.loop.get("nonfinite_steps", 0),
         }
 
-    def report(self, metrics: dict[str, float], *, is_epoch_end: bool) -> None:
+    def report(self, metrics: dict[str, float], *, is_epoch_end: bool, suffix: str = "") -> None:
         """Every rank calls this equally often (it is a collective); rank 0 writes the state."""
         import ray.train
 
-        name = f"epoch-{self.loop['epoch']:04d}-step-{self.loop['step']:08d}"
+        name = f"epoch-{self.loop['epoch']:04d}-step-{self.loop['step']:08d}{suffix}"
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
@@ -484,9 +518,23 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
                 f"fixed, continue it with --resume --run-name {config.run_name}"
             ) from error
         raise
+    if streak := (result.metrics or {}).get("diverged"):
+        where = _checkpoint_uri(config, result.checkpoint)
+        client.set_tag(run_id, "vgg_ray.diverged", where)
+        client.set_terminated(run_id, "FAILED")
+        raise ConfigError(
+            f"run {config.run_name!r} diverged: {int(streak)} steps in a row had a non-finite "
+            f"gradient (skipped); the weights from before them are in {where}: continue with "
+            f"--resume --run-name {config.run_name} and a lower --lr or a --clip-grad-norm"
+        )
     summary = _finish(config, result, run_id, manifest)
     client.set_terminated(run_id, "FINISHED")
     return summary
+
+
+def _checkpoint_uri(config: TrainConfig, checkpoint) -> str:
+    """A Ray checkpoint's path as the user names it (Ray drops the s3:// of its filesystem)."""
+    return f"s3://{checkpoint.path}" if config.storage_path.startswith("s3://") else checkpoint.path
 
 
 def _user_error(error: BaseException) -> str | None:
@@ -532,9 +580,7 @@ def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
         history = ckpt.load_state(directory)["loop"]["history"]
     with best_checkpoint.as_directory() as directory:
         best_state = ckpt.load_state(directory)
-    best_uri = best_checkpoint.path  # a path on the storage filesystem
-    if config.storage_path.startswith("s3://"):
-        best_uri = f"s3://{best_uri}"
+    best_uri = _checkpoint_uri(config, best_checkpoint)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         mlflow.set_tag("best_checkpoint", best_uri)
         mlflow.log_metric(f"best_{SCORE}", best_metrics[SCORE])

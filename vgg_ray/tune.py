@@ -32,11 +32,13 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from ray import tune
 from ray.train import UserCallback
@@ -48,6 +50,7 @@ from vgg_ray.schedules import SCHEDULES
 log = logging.getLogger("vgg_ray.tune")
 SCHEDULERS = ("asha", "pbt")
 TRIAL_ID_TAG = "vgg_ray.trial_id"
+DIVERGED_TAG = "vgg_ray.diverged"
 SEARCH_TAG = "vgg_ray.search"
 
 
@@ -326,6 +329,11 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
                         checkpoint=tune_checkpoint)  # fmt: skip
     if "error" in outcome:
         raise outcome["error"]
+    if (outcome["result"].metrics or {}).get("diverged"):
+        # A diverged trial ends here, not as an error: a retry would diverge the same way.
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(context["tracking_uri"]).set_tag(run_id, DIVERGED_TAG, "true")
 
 
 def _child_run(
@@ -663,7 +671,10 @@ def search(
                         verbose=1,
                     ),
                 )
-            grid = tuner.fit()
+            # A trial that diverges in its first epoch ends without a result; Tune's check that
+            # every result holds the metric would fail the whole search over it.
+            with mock.patch.dict(os.environ, TUNE_DISABLE_STRICT_METRIC_CHECKING="1"):
+                grid = tuner.fit()
         except BaseException as error:
             client.set_terminated(
                 parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
@@ -687,6 +698,14 @@ def _finish(
     import tempfile
 
     metric, rows, results = config.metric, [], {}
+    diverged = {
+        run.data.tags.get(TRIAL_ID_TAG)
+        for run in client.search_runs(
+            [client.get_run(parent_run_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' AND "
+            f"tags.`{DIVERGED_TAG}` = 'true'",
+        )
+    }
     for result in grid:
         last = result.metrics or {}
         history = result.metrics_dataframe
@@ -694,6 +713,8 @@ def _finish(
         epochs = int(last.get("epochs_done", 0))
         status = "finished" if epochs >= config.train.epochs else "stopped early"
         trial = last.get("trial_id") or Path(result.path).name
+        # `trial` is the id, or (no epoch reported) the trial's folder name, which holds it
+        status = "diverged" if any(d and d in trial for d in diverged) else status
         results[trial] = result
         rows.append({
             "trial": trial,
@@ -707,8 +728,10 @@ def _finish(
     rows.sort(key=lambda r: math.inf if math.isnan(r[f"best_{metric}"]) else r[f"best_{metric}"])
     if not rows or math.isnan(rows[0][f"best_{metric}"]):
         client.set_terminated(parent_run_id, "FAILED")
-        raise ConfigError(f"search {config.name!r}: no trial reported a result; see the "
-                          f"trials' errors under {experiment_path}")  # fmt: skip
+        counts = Counter(row["status"] for row in rows)
+        ended = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        raise ConfigError(f"search {config.name!r}: no trial reported a result ({ended}); see "
+                          f"the trials under {experiment_path}")  # fmt: skip
     best = rows[0]
     best_result = results[best["trial"]]
     if config.best_config:
