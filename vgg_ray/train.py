@@ -149,7 +149,7 @@ class Worker:
                 group["lr"] = config.lr * self.schedule.multiplier(epoch)
             trained = self.train_epoch(epoch)
             if trained is None:  # diverged: train_epoch checkpointed the weights from before
-                return
+                break
             metrics = self._metrics(epoch, trained, self.validate())
             self.schedule.update(1 - metrics["val_top1_error"])
             loop.update(epoch=epoch + 1, batch_in_epoch=0, epoch_sums=None,
