@@ -325,3 +325,7 @@ def test_a_resumed_search_does_not_rerun_finished_trials(ray_cluster, manifest, 
     assert len([r for r in runs_before if r.startswith(done)]) == 1
     _, _, children = _children(tracking, summary.mlflow_run_id)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # One trial at a time (--max-concurrent-trials 1): the second began after the first ended.
+    first, second = sorted(children, key=lambda c: c.info.start_time)
+    assert first.data.tags["vgg_ray.trial_id"] == done
+    assert second.info.start_time >= first.info.end_time

@@ -652,9 +652,8 @@ def search(
                         metric=config.metric,
                         mode="min",
                         scheduler=_scheduler(config),
-                        search_alg=_searcher(config),
+                        search_alg=_searcher(config, concurrency),
                         num_samples=config.num_samples,
-                        max_concurrent_trials=concurrency,
                         reuse_actors=False,  # a trial's process ends with its Train run
                     ),
                     run_config=tune.RunConfig(
@@ -683,11 +682,12 @@ def search(
         return _finish(config, grid, client, parent_run_id, tracking_uri, experiment_path, home)
 
 
-def _searcher(config: SearchConfig):
-    """Random search over the space, seeded so a search's trials can be drawn again."""
+def _searcher(config: SearchConfig, concurrency: int):
+    """Random search over the space, seeded so a search's trials can be drawn again. It caps
+    the trials at once itself: Tune ignores `TuneConfig.max_concurrent_trials` for it."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=config.seed)
+    return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency)
 
 
 def _finish(
