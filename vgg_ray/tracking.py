@@ -16,6 +16,8 @@ from typing import Any
 from vgg_ray.errors import ConfigError
 
 log = logging.getLogger("vgg_ray.tracking")
+DIVERGED_TAG = "vgg_ray.diverged"
+"""Set on the MLflow run of a training run or Tune trial that stopped as diverged."""
 
 
 def configure_uploads() -> None:

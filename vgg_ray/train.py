@@ -30,7 +30,13 @@ from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
 from vgg_ray.parallel import parallelize, unwrap
 from vgg_ray.schedules import build_schedule
 from vgg_ray.steps import evaluate_counts, train_step
-from vgg_ray.tracking import NullTracker, Tracker, check_reachable, log_net
+from vgg_ray.tracking import (
+    DIVERGED_TAG,
+    NullTracker,
+    Tracker,
+    check_reachable,
+    log_net,
+)
 
 log = logging.getLogger("vgg_ray.train")
 SCORE = "val_top5_error"  # what the best checkpoints are kept by
@@ -187,6 +193,10 @@ class Worker:
         if not skip:
             loop["nonfinite_steps"] = 0  # steps skipped this epoch: the same on every rank
         started = tick = time.perf_counter() - before
+
+        def sums_so_far() -> list[float]:  # this rank's; a checkpoint holds them over all ranks
+            return [seen, loss_sum, *correct.tolist(), wait, time.perf_counter() - started]
+
         for micro_batches in _grouped(iter(stream), config.grad_accum):
             if skip:
                 skip -= 1
@@ -209,8 +219,7 @@ class Worker:
                 loop["nonfinite_steps"] = loop.get("nonfinite_steps", 0) + 1
                 loop["nonfinite_streak"] = streak = loop.get("nonfinite_streak", 0) + 1
                 if streak >= config.max_nonfinite_steps:
-                    self._stop_diverged(epoch, streak, [seen, loss_sum, *correct.tolist(), wait,
-                                                        time.perf_counter() - started])  # fmt: skip
+                    self._stop_diverged(epoch, streak, sums_so_far())
                     return None
             if loop["step"] % config.log_every_steps == 0:
                 self.tracker.log_metrics(
@@ -219,13 +228,10 @@ class Worker:
                     step=loop["step"],
                 )  # fmt: skip
             if config.checkpoint_every_steps and loop["step"] % config.checkpoint_every_steps == 0:
-                partial = [seen, loss_sum, *correct.tolist(), wait, time.perf_counter() - started]
-                loop["epoch_sums"] = self._sum_over_ranks(partial)
+                loop["epoch_sums"] = self._sum_over_ranks(sums_so_far())
                 self.report({"epoch": epoch, "step": loop["step"]}, is_epoch_end=False)
             tick = time.perf_counter()
-        elapsed = time.perf_counter() - started
-        return self._sum_over_ranks([seen, loss_sum, *correct.tolist(), wait, elapsed,
-                                     stream.skipped])  # fmt: skip
+        return self._sum_over_ranks([*sums_so_far(), stream.skipped])
 
     def _stop_diverged(self, epoch: int, streak: int, partial: list[float]) -> None:
         """Checkpoint the weights from before the streak of skipped steps (none of them changed
@@ -520,7 +526,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
         raise
     if streak := (result.metrics or {}).get("diverged"):
         where = _checkpoint_uri(config, result.checkpoint)
-        client.set_tag(run_id, "vgg_ray.diverged", where)
+        client.set_tag(run_id, DIVERGED_TAG, where)
         client.set_terminated(run_id, "FAILED")
         raise ConfigError(
             f"run {config.run_name!r} diverged: {int(streak)} steps in a row had a non-finite "

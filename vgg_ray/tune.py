@@ -46,11 +46,11 @@ from ray.train import UserCallback
 from vgg_ray.config import TrainConfig, default_home, demo, paper
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import SCHEDULES
+from vgg_ray.tracking import DIVERGED_TAG
 
 log = logging.getLogger("vgg_ray.tune")
 SCHEDULERS = ("asha", "pbt")
 TRIAL_ID_TAG = "vgg_ray.trial_id"
-DIVERGED_TAG = "vgg_ray.diverged"
 SEARCH_TAG = "vgg_ray.search"
 
 
