@@ -102,14 +102,23 @@ def test_multicrop_uses_50_crops_per_scale_and_150_over_three():
 def test_ensemble_scores_are_the_mean_of_the_members_soft_max():
     infos = [SMALL, dataclasses.replace(SMALL, name="B", train_scale=(40, 40))]
     rows = protocols(infos, ("single", "dense", "multicrop", "dense+multicrop"))
-    assert len(rows) == 12  # (2 nets + their ensemble) x 4 modes
+    # (2 nets + their ensemble) x 5 rows: single, dense at one Q (Table 3) and three (Table 4),
+    # multicrop, dense+multicrop
+    assert len(rows) == 15
+    assert [(r.mode, len(r.scales[0])) for r in rows[:5]] == [
+        ("single", 1),
+        ("dense", 1),
+        ("dense", 3),
+        ("multicrop", 3),
+        ("dense+multicrop", 3),
+    ]
     evaluator = Evaluator([_net(0), _net(1)], infos, rows)
     probs = evaluator.posteriors([_image(40, 50), _image(60, 44, seed=1)])
-    for mode_index in range(4):
-        first, second, ensemble = probs[mode_index], probs[4 + mode_index], probs[8 + mode_index]
+    for row in range(5):
+        first, second, ensemble = probs[row], probs[5 + row], probs[10 + row]
         torch.testing.assert_close(ensemble, (first + second) / 2)
         assert not torch.allclose(first, second)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(12, 2))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(15, 2))
 
 
 def test_batching_does_not_change_scores():
@@ -219,8 +228,11 @@ def test_job_errors_equal_a_reference_computed_without_ray(ray_cluster, data, ch
 
     config = _config(checkpoint, data, tmp_path, modes=("single", "dense"))
     result = evaluate(config)
-    assert [(r.mode, r.test_scales) for r in result.rows] == [("single", "42"),
-                                                               ("dense", "36,42,48")]  # fmt: skip
+    assert [(r.mode, r.test_scales) for r in result.rows] == [
+        ("single", "42"),
+        ("dense", "42"),
+        ("dense", "36,42,48"),
+    ]  # Tables 3 and 4: dense
 
     # Single crop by hand: rescale to Q = (36 + 48) / 2, centre 32 crop, the net's logits.
     model, state = load_trained(str(checkpoint))
@@ -237,12 +249,15 @@ def test_job_errors_equal_a_reference_computed_without_ray(ray_cluster, data, ch
     nets, _ = load_nets(config)
     rows = protocols([nets[0].info], ("dense",))
     top = Evaluator([nets[0].model], [nets[0].info], rows).top_k(images)
-    assert result.rows[1].top1_error == pytest.approx(1 - np.mean(top[:, 0, 0] == labels))
+    for row in (0, 1):
+        assert result.rows[1 + row].top1_error == pytest.approx(
+            1 - np.mean(top[:, row, 0] == labels)
+        )
 
     out = Path(result.output)
     assert "| A | [36;48] | dense | 36,42,48 |" in (out / "table.md").read_text()
     assert (out / "table.csv").read_text().splitlines()[0].startswith("nets,train_scale,mode")
-    assert len((out / "per_class.csv").read_text().splitlines()) == 1 + 2 * 3
+    assert len((out / "per_class.csv").read_text().splitlines()) == 1 + 3 * 3  # rows x classes
 
 
 @pytest.mark.slow
@@ -295,9 +310,9 @@ def test_runs_registered_models_and_ensembles_log_to_mlflow(ray_cluster, data, c
                      models=(f"runs:/{trained.info.run_id}", "models:/tiny-A@champion"),
                      modes=("single", "dense"), manifest="")  # fmt: skip
     result = evaluate(config)
-    assert len(result.rows) == 6  # (2 nets + ensemble) x 2 modes
+    assert len(result.rows) == 9  # (2 nets + ensemble) x (single, dense at 1 and at 3 scales)
     # The same weights twice: the ensemble's scores are each net's.
-    assert result.rows[4].top1_error == pytest.approx(result.rows[0].top1_error)
+    assert result.rows[6].top1_error == pytest.approx(result.rows[0].top1_error)
 
     metrics = client.get_run(trained.info.run_id).data.metrics
     assert metrics["eval_single_42_top1_error"] == pytest.approx(result.rows[0].top1_error)

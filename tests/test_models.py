@@ -183,3 +183,47 @@ def test_models_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "143,667,240" in out and "A-LRN" in out
     assert out.count("\n") == 7  # header and six nets
+
+
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
+def test_batch_norm_variants_are_torchvisions_vgg_bn(name):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, f"{TORCHVISION_NAMES[name]}_bn")(num_classes=10)
+    ours = build_vgg(name, num_classes=10, batch_norm=True)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(images), reference.eval()(images))
+    assert ours.batch_norm and not build_vgg(name, width=1 / 16).batch_norm
+
+
+def test_init_from_shallow_carries_each_copied_convs_batch_norm():
+    torch.manual_seed(0)
+    trained_a = build_vgg("A", num_classes=10, width=1 / 16, batch_norm=True)
+    with torch.no_grad():
+        trained_a.features[1].running_mean.fill_(3.0)  # conv1_1's batch norm, "trained"
+    deep = build_vgg("D", num_classes=10, width=1 / 16, batch_norm=True)
+    copied = init_from_shallow(deep, trained_a)
+    assert "features.1" in copied and len(copied) == 11  # 7 layers + 4 batch norms
+    assert torch.equal(deep.features[1].running_mean, trained_a.features[1].running_mean)
+
+
+# The paper's N(0, 0.01) stalls the deep nets (Sect. 3.1; He et al. 2015, Sect. 2.2): E's
+# initial logits there have a std of ~3e-7 on pixel-scale input. No profile may start a deep
+# net like that. Nets A and A-LRN keep the paper's init, which the paper trained them from: their
+# logits (~1e-3) are 3-4 orders of magnitude above E's, and their gradient reaches conv1_1.
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_nets_default_init_passes_a_signal_at_full_width(name):
+    from vgg_ray.config import paper
+
+    config = paper(name)
+    torch.manual_seed(0)
+    model = build_vgg(name, init=config.init).eval()
+    pixels = torch.rand(2, 3, 112, 112) * 255 - 128  # the paper's input: 0..255 minus the mean
+    with torch.no_grad():
+        spread = model(pixels).std().item()
+    assert spread >= (5e-4 if name in ("A", "A-LRN") else 1e-2), (config.init, spread)
+    if name == "E":  # what the deep nets are spared
+        with torch.no_grad():
+            stalled = build_vgg("E", init="paper").eval()(pixels).std().item()
+        assert stalled < 1e-5

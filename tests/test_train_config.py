@@ -84,6 +84,21 @@ def test_init_from_a_torchvision_state_dict_loads_every_tensor(tmp_path):
     assert torch.equal(model.classifier[3].weight, reference.classifier[3].weight)
 
 
+def test_a_torchvision_bn_file_of_1000_classes_fine_tunes_onto_fewer(tmp_path):
+    torch.manual_seed(0)
+    import torchvision
+
+    reference = torchvision.models.vgg11_bn()  # ImageNet's 1000 classes
+    torch.save(reference.state_dict(), tmp_path / "vgg11_bn.pth")
+    model = build_vgg("A", num_classes=10, batch_norm=True)
+    head = model.classifier[6].weight.clone()
+    config = replace(demo("A"), init=str(tmp_path / "vgg11_bn.pth"), width=1.0, batch_norm=True)
+    _initial_weights(model, config)
+    assert torch.equal(model.features[1].running_var, reference.features[1].running_var)
+    assert torch.equal(model.classifier[3].weight, reference.classifier[3].weight)
+    assert torch.equal(model.classifier[6].weight, head)  # the new class scores stay random
+
+
 def test_init_with_weights_of_another_shape_is_a_clear_error(tmp_path):
     from vgg_ray.errors import ConfigError
 
@@ -165,3 +180,80 @@ def test_clip_grad_norm_clips_like_torch_and_reports_the_norm_before():
     assert step.grad_norm > 0.004  # so the clip halves the gradient or more
     for got, want in zip(ours.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _parsed(*argv: str):
+    from vgg_ray.cli import build_parser, train_config
+
+    return train_config(build_parser().parse_args(["train", *argv]))
+
+
+def test_a_fixed_scale_run_validates_at_its_own_scale():
+    # Table 3: Q = S for a fixed S, Q = 384 for S in [256, 512].
+    assert paper("D").data.validation_scale == 384
+    assert paper("A").data.validation_scale == 256
+    config = _parsed("--manifest", "/data/manifest.json", "--arch", "D", "--scale", "256")
+    assert config.data.scale == (256, 256) and config.data.validation_scale == 256
+    assert (
+        _parsed("--manifest", "m", "--scale", "384", "--eval-scale", "400").data.validation_scale
+        == 400
+    )
+
+
+def test_every_config_field_is_an_option_of_train():
+    import dataclasses
+
+    from vgg_ray.data import StreamConfig
+
+    config = _parsed("--manifest", "m", "--arch", "D", "--dropout", "0.3", "--schedule", "cosine",
+                     "--lr-patience", "5", "--batch-norm", "--base-init", "kaiming",
+                     "--momentum", "0.8", "--warmup-epochs", "2", "--normalize", "torchvision",
+                     "--shuffle-buffer", "64", "--no-channels-last")  # fmt: skip
+    assert (config.dropout, config.schedule, config.lr_patience) == (0.3, "cosine", 5)
+    assert config.batch_norm and config.base_init == "kaiming" and config.momentum == 0.8
+    assert config.data.normalize == "torchvision" and config.data.shuffle_buffer == 64
+    assert config.channels_last is False and config.warmup_epochs == 2
+    from vgg_ray.cli import build_parser
+
+    options = build_parser()._subparsers._group_actions[0].choices["train"]._option_string_actions
+    for cls in (TrainConfig, StreamConfig):
+        for spec in dataclasses.fields(cls):
+            if spec.name != "data":
+                assert "--" + spec.name.replace("_", "-") in options, spec.name
+
+
+def test_the_deep_nets_paper_profile_starts_from_glorot_and_paper_init_warns():
+    from vgg_ray.config import init_note
+
+    assert paper("A").init == "paper" and init_note(paper("A")) is None
+    for arch in ("B", "C", "D", "E"):
+        assert paper(arch).init == "glorot"
+        assert "Glorot" in init_note(paper(arch))
+        assert "stalls" in init_note(paper(arch, init="paper"))
+    assert init_note(paper("E", init="paper", batch_norm=True)) is None
+
+
+def test_the_plateau_rule_does_not_decay_while_the_net_is_at_chance():
+    from vgg_ray.schedules import build_schedule
+
+    settings = dict(epochs=30, factor=0.1, patience=2, max_decays=3, step_size=1, warmup=1)
+    schedule = build_schedule("plateau", classes=10, **settings)
+    for _ in range(10):  # 10% accuracy on 10 classes: chance
+        schedule.update(0.11)
+    assert schedule.multiplier(10) == 1.0
+    for accuracy in (0.4, 0.4, 0.4, 0.4):  # learning, then a plateau: the paper's decay
+        schedule.update(accuracy)
+    assert schedule.multiplier(14) == pytest.approx(0.1)
+
+
+def test_the_small_profile_follows_the_data_sets_size():
+    from vgg_ray.config import DataFacts, small
+
+    tiny = small(facts=DataFacts(classes=10, train_images=1_200, short_side=32))
+    assert (tiny.arch, tiny.width, tiny.batch_norm) == ("A", 0.25, True)
+    assert tiny.data.crop == 32 and tiny.data.scale == (37, 73)
+    assert tiny.schedule == "warmup_cosine" and 15 <= tiny.epochs <= 60
+    photos = small(facts=DataFacts(classes=100, train_images=60_000, short_side=375))
+    assert (photos.arch, photos.width, photos.data.crop) == ("D", 1.0, 64)
+    assert small("E", facts=DataFacts(classes=10, train_images=500, short_side=90)).arch == "E"
+    tiny.validate()

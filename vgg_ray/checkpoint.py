@@ -67,9 +67,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def model_from_state(state: dict[str, Any]) -> VGG:
     """Rebuild the net a checkpoint was trained as, with its weights."""
-    model = build_vgg(
-        state["arch"], num_classes=len(state["classes"]), width=state["width"], init="glorot"
-    )
+    batch_norm = bool(state.get("config", {}).get("batch_norm", False))
+    model = build_vgg(state["arch"], num_classes=len(state["classes"]), width=state["width"],
+                      init="glorot", batch_norm=batch_norm)  # fmt: skip
     model.load_state_dict(state["model"])
     return model
 

@@ -49,25 +49,32 @@ def _scale(text: str) -> tuple[int, int]:
         ) from None
 
 
-def add_train_options(parser: argparse.ArgumentParser, *, arch: str | None = None) -> None:
-    """The options of `vgg-ray train` and of every jobs/train_*.py (where arch is fixed)."""
+def add_train_options(
+    parser: argparse.ArgumentParser, *, arch: str | None = None, one_run: bool = True
+) -> None:
+    """The options of `vgg-ray train` and of every jobs/train_*.py (where arch is fixed); without
+    `one_run` (the chain of `reproduce`), no --arch, --run-name and --resume."""
+    from vgg_ray.config import TrainConfig
+    from vgg_ray.data import StreamConfig
     from vgg_ray.models import CONFIGS
 
     add = parser.add_argument
-    if arch is None:
-        add("--arch", choices=list(CONFIGS), default="E", help="net of Table 1 (default E)")
+    if arch is None and one_run:
+        add("--arch", choices=list(CONFIGS), help="net of Table 1 (default E; small: chosen)")
     add(
         "--profile",
-        choices=["demo", "paper"],
+        choices=["demo", "paper", "small"],
         help="demo: narrow net on generated data (default without --manifest); "
-        "paper: the paper's recipe at full size (default with --manifest)",
+        "paper: the paper's recipe at full size (default with --manifest); small: a recipe "
+        "chosen for one's own small data set (batch norm; docs/training.md)",
     )
     add("--config", metavar="YAML", help="options from a YAML file (e.g. a Tune search's best)")
     add("--manifest", help="shards' manifest.json (local path or s3://...); default: demo data")
     _s3_option(add)
     add("--storage-path", help="checkpoints: local folder or s3://bucket/prefix")
-    add("--run-name", help="names the run; a stopped run continues with --resume")
-    add("--resume", action="store_true", help="continue the run named by --run-name")
+    if one_run:
+        add("--run-name", help="names the run; a stopped run continues with --resume")
+        add("--resume", action="store_true", help="continue the run named by --run-name")
     add("--workers", type=int, help="Ray Train workers (one per GPU)")
     add("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs")
     add("--cpus-per-worker", type=float)
@@ -97,34 +104,73 @@ def add_train_options(parser: argparse.ArgumentParser, *, arch: str | None = Non
     add("--max-failures", type=int, help="worker failures recovered from (default 3)")
     _tracking_option(add)
     add("--experiment", help="MLflow experiment (default vgg-ray)")
+    # Every other field of the run's config, its help the field's docstring.
+    add_field_options(parser, TrainConfig, skip={"data"})
+    add_field_options(parser, StreamConfig)
 
 
-_DATA_OPTIONS = {"manifest", "s3_endpoint", "scale", "eval_scale", "crop", "decode", "seed"}
-_LOOP_OPTIONS = {
-    "arch",
-    "run_name",
-    "workers",
-    "gpus_per_worker",
-    "cpus_per_worker",
-    "epochs",
-    "global_batch",
-    "grad_accum",
-    "lr",
-    "weight_decay",
-    "clip_grad_norm",
-    "max_nonfinite_steps",
-    "width",
-    "init",
-    "bf16",
-    "compile",
-    "seed",
-    "checkpoint_every_steps",
-    "keep_best",
-    "max_failures",
-    "tracking_uri",
-    "experiment",
-    "storage_path",
-}
+def add_field_options(parser: argparse.ArgumentParser, cls: type, *, skip=()) -> None:
+    """An option --field-name for each field of dataclass `cls` that has none yet; the value's
+    type from the annotation, the help from the field's docstring, no default (None: not given,
+    so the profile's or the YAML's value stands)."""
+    import dataclasses
+
+    from vgg_ray.config import field_docs
+
+    docs = field_docs(cls)
+    for spec in dataclasses.fields(cls):
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.name in skip or flag in parser._option_string_actions:
+            continue
+        kind = str(spec.type)
+        help_text = docs.get(spec.name, "").replace("%", "%%")
+        if kind.startswith("bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind.split(" ")[0] in ("int", "float", "str"):
+            convert = {"int": int, "float": float, "str": str}[kind.split(" ")[0]]
+            parser.add_argument(flag, type=convert, help=help_text)
+
+
+def _field_names(cls: type) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _profile_config(profile: str, arch: str | None, args: argparse.Namespace):
+    """The profile's config; `small` reads the data set's size first (the demo set without
+    --manifest)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from vgg_ray.config import PROFILES, DataFacts, small
+    from vgg_ray.data import load_manifest, short_sides
+
+    if profile != "small":
+        return PROFILES[profile](arch or "E")
+    uri = args.manifest or _demo_manifest()
+    manifest = load_manifest(uri, s3_endpoint=args.s3_endpoint)
+    sides = short_sides(manifest)
+    facts = DataFacts(classes=len(manifest.classes), train_images=len(sides),
+                      short_side=int(np.median(sides)) if len(sides) else 0)  # fmt: skip
+    config = small(arch, facts=facts)
+    config = replace(config, data=replace(config.data, manifest=uri))
+    print(
+        f"vgg-ray: small profile for {facts.train_images:,} training images of {facts.classes} "
+        f"classes (median smaller side {facts.short_side} px): net {config.arch} with batch "
+        f"norm at width {config.width:g}, {config.data.crop} px crops of S in "
+        f"[{config.data.scale[0]}, {config.data.scale[1]}], {config.epochs} epochs",
+        flush=True,
+    )
+    return config
+
+
+def _demo_manifest() -> str:
+    from vgg_ray.demo import ensure_demo_shards
+
+    print("vgg-ray: no --manifest given: using the generated demo data set", flush=True)
+    return ensure_demo_shards()
 
 
 def train_config(args: argparse.Namespace):
@@ -133,11 +179,11 @@ def train_config(args: argparse.Namespace):
 
     import yaml
 
-    from vgg_ray.config import PROFILES, TrainConfig
+    from vgg_ray.config import TrainConfig
+    from vgg_ray.data import StreamConfig
 
-    arch = getattr(args, "arch", None) or "E"
     profile = args.profile or ("paper" if args.manifest else "demo")
-    config = PROFILES[profile](arch)
+    config = _profile_config(profile, getattr(args, "arch", None), args)
     if args.config:
         try:
             values = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -150,13 +196,11 @@ def train_config(args: argparse.Namespace):
         merged["data"].update(values.get("data") or {})
         config = TrainConfig.from_dict(merged)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    data = replace(config.data, **{k: given[k] for k in _DATA_OPTIONS if k in given})
-    config = replace(config, data=data, **{k: given[k] for k in _LOOP_OPTIONS if k in given})
+    data = replace(config.data, **{k: given[k] for k in _field_names(StreamConfig) & set(given)})
+    loop = (_field_names(TrainConfig) - {"data"}) & set(given)
+    config = replace(config, data=data, **{k: given[k] for k in loop})
     if not config.data.manifest:
-        from vgg_ray.demo import ensure_demo_shards
-
-        print("vgg-ray: no --manifest given: using the generated demo data set", flush=True)
-        config = replace(config, data=replace(config.data, manifest=ensure_demo_shards()))
+        config = replace(config, data=replace(config.data, manifest=_demo_manifest()))
     return config.validate()
 
 
@@ -176,6 +220,64 @@ def train_main(argv: Sequence[str], *, arch: str) -> int:
     args = parser.parse_args(argv)
     args.arch, args.command, args.run = arch, "train", _train
     return _dispatch(args)
+
+
+def add_reproduce_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `vgg-ray reproduce` and jobs/reproduce_paper.py: the chain's own, then the
+    training options every stage shares."""
+    add = parser.add_argument
+    add("--name", help="names the chain; a rerun continues it (default: paper, or demo)")
+    add("--nets", type=_choices(str), metavar="A,D,E", help="nets of the chain (default all six; "
+        "the deep nets bring net A)")  # fmt: skip
+    add("--stages", type=_choices(str), metavar="S,T", help="part of the plan: training scales "
+        "(256, 384, jitter), kinds (train, eval, ensemble, register) or stage names")  # fmt: skip
+    add("--max-concurrent", type=int, help="stages at once (default: one per --workers GPUs)")
+    add("--resume", action="store_true", help="continue the chain named by --name (must exist)")
+    add("--dry-run", action="store_true", help="print the plan and its cost; run nothing")
+    add("--max-images", type=int, help="evaluate only the val split's first N images")
+    add("--actors", type=int, help="evaluation actors (default: one per GPU, else per 2 CPUs)")
+    add_train_options(parser, one_run=False)
+
+
+DEMO_CHAIN_EPOCHS = 6  # per stage: the embedded default's 26 stages in about 15 minutes on 2 cores
+
+
+def reproduce_config(args: argparse.Namespace):
+    """The chain's config: its own options, and the stages' base from `train_config`, built
+    for net A (the chain's start: the paper profile's N(0, 0.01))."""
+    from dataclasses import replace
+
+    from vgg_ray.reproduce import NETS, ReproduceConfig
+
+    args.arch = "A"
+    base = train_config(args)
+    if (args.profile or ("paper" if args.manifest else "demo")) == "demo" and args.epochs is None:
+        base = replace(base, epochs=DEMO_CHAIN_EPOCHS)
+    return ReproduceConfig(
+        base=base, name=args.name or "", nets=tuple(args.nets or NETS),
+        stages=tuple(args.stages or ()), max_concurrent=args.max_concurrent or 0,
+        resume=args.resume, dry_run=args.dry_run, max_images=args.max_images or 0,
+        actors=args.actors or 0,
+    )  # fmt: skip
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from vgg_ray.reproduce import reproduce
+
+    reproduce(reproduce_config(args))
+
+
+def reproduce_main(argv: Sequence[str]) -> int:
+    """Entry point of jobs/reproduce_paper.py: `vgg-ray reproduce`."""
+    parser = Parser(prog="reproduce_paper.py", description=REPRODUCE_HELP)
+    add_reproduce_options(parser)
+    args = parser.parse_args(argv)
+    args.command, args.run = "reproduce", _reproduce
+    return _dispatch(args)
+
+
+REPRODUCE_HELP = ("The paper's experiment plan as one resumable chain: A -> B..E at S = 256 -> "
+                  "384 -> jittered, Tables 3-6, the registry (docs/reproduce.md).")  # fmt: skip
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -469,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a net on Ray (the paper's recipe)")
     add_train_options(train)
     train.set_defaults(run=_train)
+
+    reproduce = commands.add_parser("reproduce", help=REPRODUCE_HELP)
+    add_reproduce_options(reproduce)
+    reproduce.set_defaults(run=_reproduce)
 
     models = commands.add_parser("models", help="the six nets of Table 1: layers, size, cost")
     models.set_defaults(run=_models)

@@ -7,9 +7,12 @@ options override single fields with `dataclasses.replace`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,19 @@ from vgg_ray.data import StreamConfig
 from vgg_ray.errors import ConfigError
 from vgg_ray.models import CONFIGS, INITS
 from vgg_ray.schedules import SCHEDULES
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """A dataclass's field docstrings (the string literal under each field), by field name:
+    the one place an option is described, read by the CLI for its --help."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for field_node, doc in zip(body, body[1:], strict=False):
+        if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
+                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):  # fmt: skip
+            docs[field_node.target.id] = " ".join(str(doc.value.value).split())
+    return docs
 
 
 def default_home() -> Path:
@@ -35,10 +51,17 @@ class TrainConfig:
     """Multiplier on every conv and FC width; 1.0 is the paper's net."""
     dropout: float = 0.5
     """Dropout after FC1 and FC2."""
+    batch_norm: bool = False
+    """A BatchNorm after every conv (torchvision's vgg*_bn; not in the paper): trains from
+    scratch on small data sets where the paper's nets are slow to start."""
     init: str = "paper"
-    """"paper" (N(0, 0.01)), "glorot", or where trained weights come from: a checkpoint of a
-    trained net A (path or s3:// URI; Sect. 3.1's init of deep nets), a `models:/` URI, or a
-    torchvision VGG state_dict file (`.pth`)."""
+    """"paper" (N(0, 0.01)), "glorot", "kaiming", or where trained weights come from: a
+    checkpoint of a trained net A (path or s3:// URI; Sect. 3.1's init of deep nets: its first
+    four convs and three FCs are copied), a checkpoint of the same net (fine-tuning), a
+    `models:/` or `runs:/` URI, or a torchvision VGG state_dict file (`.pth`)."""
+    base_init: str = "paper"
+    """Random init ("paper", "glorot", "kaiming") of the layers that `init`'s trained weights
+    do not set: a deep net initialised from net A keeps the paper's N(0, 0.01) elsewhere."""
     data: StreamConfig = field(default_factory=StreamConfig)
     """Where the shards are and the paper's augmentation (scale jittering, crop, flip, colour)."""
 
@@ -49,14 +72,18 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per step on each worker, where a worker cannot hold global_batch/workers."""
     lr: float = 1e-2
+    """Initial learning rate (the paper: 1e-2; 1e-3 when fine-tuning the S = 384 nets)."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 5e-4
+    """L2 penalty multiplier."""
     lr_factor: float = 0.1
-    """The paper divides the learning rate by 10 ..."""
+    """Multiplier of each lr decay (the paper divides the lr by 10) ..."""
     lr_patience: int = 2
-    """... when validation accuracy has not improved for this many epochs ..."""
+    """... plateau rule: decay when val accuracy has not improved for more than this many
+    epochs ..."""
     lr_decays: int = 3
-    """... at most this many times."""
+    """... at most this many times (the paper: 3)."""
     schedule: str = "plateau"
     """Learning-rate schedule family (vgg_ray.schedules): "plateau" (the paper's rule above),
     "step" (x lr_factor every step_size epochs), "cosine" (to 0 at `epochs`), "warmup_cosine"
@@ -76,6 +103,7 @@ class TrainConfig:
     gpus_per_worker: float | None = None
     """None: 1 when the cluster has GPUs, else 0."""
     cpus_per_worker: float = 1.0
+    """Logical CPUs each training worker reserves."""
     bf16: bool | None = None
     """bf16 autocast; None: on when training on GPU."""
     channels_last: bool | None = None
@@ -83,6 +111,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model."""
     seed: int = 0
+    """Seeds the initial weights, every epoch's data order and every image's augmentation."""
 
     checkpoint_every_steps: int = 0
     """Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only)."""
@@ -97,7 +126,9 @@ class TrainConfig:
     tracking_uri: str = ""
     """MLflow tracking URI; "" = MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""
     experiment: str = "vgg-ray"
+    """MLflow experiment of the run."""
     log_every_steps: int = 50
+    """Log the step's loss, gradient norm and lr every this many optimizer steps."""
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError for the first problem found; return self for chaining."""
@@ -108,6 +139,10 @@ class TrainConfig:
             ),
             (self.width > 0, f"width must be > 0, got {self.width}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (
+                self.base_init in INITS,
+                f"unknown base_init {self.base_init!r}; choose one of {', '.join(INITS)}",
+            ),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
@@ -189,11 +224,17 @@ class TrainConfig:
 
 
 def paper(arch: str = "E", **overrides: Any) -> TrainConfig:
-    """The paper's recipe for net `arch` at full size on ImageNet. Deep nets jitter the training
-    scale over [256, 512] (Sect. 3.1); net A is trained at S = 256 as the paper's start."""
-    scale = (256, 256) if arch in ("A", "A-LRN") else (256, 512)
-    data = StreamConfig(scale=scale, eval_scale=256 if scale[0] == scale[1] else 384)
-    return TrainConfig(arch=arch, data=data, **overrides)
+    """The paper's recipe for net `arch` at full size on ImageNet (Sect. 3.1). Net A trains at
+    S = 256 from N(0, 0.01), the paper's start. The deep nets jitter S over [256, 512]; the
+    paper initialised them from a trained net A (`init=<net A checkpoint>`, what `vgg-ray
+    reproduce` does); without one they start from Glorot init, the paper's own alternative:
+    N(0, 0.01) stalls nets this deep (their initial logits are ~1e-7, see `init_note`)."""
+    scale = (256, 256) if arch in SHALLOW else (256, 512)
+    values: dict[str, Any] = dict(
+        arch=arch, init="paper" if arch in SHALLOW else "glorot", data=StreamConfig(scale=scale)
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
 
 
 def demo(arch: str = "E", **overrides: Any) -> TrainConfig:
@@ -202,13 +243,73 @@ def demo(arch: str = "E", **overrides: Any) -> TrainConfig:
     75%). Same recipe otherwise, with images scaled down 7x (S in [36, 72], 32 px crops) and
     torchvision's Kaiming init: without batch norm, Glorot halves the signal at each of E's 16
     convs and the demo's few epochs would mostly be spent escaping that."""
-    data = StreamConfig(scale=(36, 72), crop=32, eval_scale=48, shuffle_buffer=256)
+    data = StreamConfig(scale=(36, 72), crop=32, shuffle_buffer=256)
     values: dict[str, Any] = dict(
-        arch=arch, width=1 / 16, init="kaiming", data=data, epochs=16, global_batch=32,
-        lr=0.01, lr_patience=3, workers=1, log_every_steps=10,
+        arch=arch, width=1 / 16, init="kaiming", base_init="kaiming", data=data, epochs=16,
+        global_batch=32, lr=0.01, lr_patience=3, workers=1, log_every_steps=10,
     )  # fmt: skip
     values.update(overrides)
     return TrainConfig(**values)
 
 
-PROFILES = {"paper": paper, "demo": demo}
+@dataclass(frozen=True)
+class DataFacts:
+    """What the `small` profile chooses its recipe from (`vgg_ray.data.data_facts`)."""
+
+    classes: int
+    train_images: int
+    short_side: int
+    """Median of the training images' smaller side, in pixels."""
+
+
+def small(arch: str | None = None, *, facts: DataFacts, **overrides: Any) -> TrainConfig:
+    """A recipe for one's own small data set (hundreds to tens of thousands of images), chosen
+    from its image count and sizes; beyond the paper, and labelled so:
+    - batch norm after every conv (torchvision's vgg*_bn) and Kaiming init: VGG without
+      normalisation barely leaves chance on small data, whatever its init;
+    - net A (VGG-11) under 20,000 images, else D; 1/4 width under 5,000 images, 1/2 under
+      50,000, else full: capacity grows with the data;
+    - 32 px crops for images under 72 px, else 64 (CPU-friendly; raise --crop on a GPU), with
+      the paper's scale jittering relative to the crop (S in [8/7, 16/7] x crop);
+    - global batch 64, lr 0.05 with a 3-epoch linear warm-up then a cosine, so the lr does not
+      decay while the net is still at chance; ~40,000 images seen (15-60 epochs).
+    With trained weights at hand (`init=` a torchvision vgg*_bn file or a checkpoint), fine-tuning
+    them is faster still (docs/training.md)."""
+    images = facts.train_images
+    crop = 32 if facts.short_side < 72 else 64
+    scale = (round(crop * 8 / 7), round(crop * 16 / 7))
+    values: dict[str, Any] = dict(
+        arch=arch or ("A" if images < 20_000 else "D"),
+        width=0.25 if images < 5_000 else 0.5 if images < 50_000 else 1.0,
+        batch_norm=True, init="kaiming", base_init="kaiming",
+        data=StreamConfig(scale=scale, crop=crop, shuffle_buffer=min(4096, images)),
+        epochs=max(15, min(60, round(40_000 / max(images, 1)))),
+        global_batch=64, lr=0.05, schedule="warmup_cosine", warmup_epochs=3,
+        log_every_steps=20,
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+PROFILES = {"paper": paper, "demo": demo, "small": small}
+SHALLOW = ("A", "A-LRN")  # the nets the paper trained from N(0, 0.01) (Sect. 3.1)
+
+
+def init_note(config: TrainConfig) -> str | None:
+    """One line about the run's init where it matters: the paper's N(0, 0.01) on a deep net
+    without batch norm stalls (Sect. 3.1, "bad initialisation can stall learning"; He et al.
+    2015, Sect. 2.2: nets of more than 8 conv layers); Glorot is the paper's stated alternative."""
+    if config.arch in SHALLOW or config.batch_norm:
+        return None
+    if config.init == "paper":
+        return (
+            f"warning: net {config.arch} from N(0, 0.01): the paper warns this init stalls deep "
+            "nets (Sect. 3.1) and initialised them from a trained net A; pass --init <net A "
+            "checkpoint or models:/ URI>, or --init glorot (the paper's alternative)"
+        )
+    if config.init == "glorot":
+        return (
+            f"net {config.arch} starts from Glorot init (the paper's alternative to initialising "
+            "from a trained net A, Sect. 3.1); --init <net A checkpoint> for the paper's way"
+        )
+    return None

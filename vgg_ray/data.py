@@ -76,8 +76,10 @@ class StreamConfig:
     Sect. 3.1); Smin = Smax trains at the fixed scale S."""
     crop: int = 224
     """Side of the square crop fed to the net (224 in the paper)."""
-    eval_scale: int = 256
-    """Q, the evaluation scale: smaller side before the centre crop (Sect. 3.2)."""
+    eval_scale: int = 0
+    """Q of validation during training: smaller side before the centre crop (Sect. 3.2).
+    0: the paper's single test scale for the training scale, Q = S for a fixed S and
+    (Smin + Smax) / 2 for a jittered one (Table 3: 384 for [256, 512])."""
     color_shift_std: float = 0.1
     """Std of AlexNet's PCA colour shift multipliers alpha_i; 0 turns the shift off."""
     normalize: str = "paper"
@@ -123,8 +125,13 @@ class StreamConfig:
 
     def eval_preset(self, stats: ColorStats) -> EvalPreset:
         return EvalPreset(
-            scale=self.eval_scale, crop=self.crop, normalize=self.normalize, stats=stats
+            scale=self.validation_scale, crop=self.crop, normalize=self.normalize, stats=stats
         )
+
+    @property
+    def validation_scale(self) -> int:
+        """Q of validation: `eval_scale`, or the paper's single test scale for `scale`."""
+        return self.eval_scale or (int(self.scale[0]) + int(self.scale[1])) // 2
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,19 @@ def num_classes(manifest: Manifest) -> int:
 def shard_sizes(manifest: Manifest) -> dict[str, int]:
     """Shard path -> size in bytes, for the shards whose size the manifest records."""
     return {s.path: s.bytes for shards in manifest.splits.values() for s in shards if s.bytes}
+
+
+def short_sides(manifest: Manifest, split: str = "train") -> np.ndarray:
+    """Every image's smaller side in pixels, from the shards' `height` and `width` columns (a
+    few bytes per image: no JPEG is read)."""
+    filesystem, _ = open_storage(manifest.uri, s3_endpoint=manifest.s3_endpoint)
+    sides = []
+    for shard in manifest.shards(split):
+        path = f"{manifest.base}/{shard.path}"
+        with storage_errors(path, manifest.s3_endpoint):
+            table = pq.read_table(path, columns=["height", "width"], filesystem=filesystem)
+        sides.append(np.minimum(table["height"].to_numpy(), table["width"].to_numpy()))
+    return np.concatenate(sides) if sides else np.zeros(0, dtype=np.int32)
 
 
 def verify_shards(manifest: Manifest) -> list[str]:

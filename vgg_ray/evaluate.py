@@ -98,7 +98,7 @@ def default_scales(info: NetInfo) -> tuple[int, ...]:
 
 
 def single_scale(info: NetInfo) -> int:
-    """The paper's single-scale test (Table 3): Q = S for fixed S, (Smin+Smax)/2 jittered."""
+    """The paper's single test scale (Table 3): Q = S for fixed S, (Smin+Smax)/2 jittered."""
     low, high = info.train_scale
     return (low + high) // 2
 
@@ -161,7 +161,9 @@ def protocols(
 ) -> list[Protocol]:
     """The rows of a table: for each model set (each net alone when `members`, and the ensemble
     of all when there are several) x mode x scale set. Without `scale_sets`, the paper's defaults
-    per net: single at Q = S (Table 3), the others at three scales (Tables 4-6)."""
+    per net: single (the centre crop training validates on; no table of the paper) at the single
+    test scale; dense at the single test scale (Table 3) and at three scales (Table 4); the other
+    modes at three scales (Tables 5-6)."""
     sets: list[tuple[int, ...]] = [tuple(range(len(infos)))] if len(infos) > 1 else []
     if members or len(infos) == 1:
         sets = [(i,) for i in range(len(infos))] + sets
@@ -170,10 +172,10 @@ def protocols(
         for mode in modes:
             if scale_sets:
                 choices = [tuple(tuple(s) for _ in model_set) for s in scale_sets]
-            elif mode == "single":
-                choices = [tuple((single_scale(infos[i]),) for i in model_set)]
             else:
-                choices = [tuple(default_scales(infos[i]) for i in model_set)]
+                one = tuple((single_scale(infos[i]),) for i in model_set)
+                three = tuple(default_scales(infos[i]) for i in model_set)
+                choices = {"single": [one], "dense": [one, three]}.get(mode, [three])
             for scales in choices:
                 protocol = Protocol(members=model_set, mode=mode, scales=scales)
                 check_protocol(protocol, infos)

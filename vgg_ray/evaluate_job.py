@@ -66,6 +66,8 @@ class EvaluateConfig:
     (or (Smin+Smax)/2) for single, {S-32, S, S+32} (or {Smin, mid, Smax}) for the others."""
     members: bool = True
     """With several nets: also a row per net, besides the ensemble's."""
+    only_rows: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Keep only these (mode, test scales) rows of modes x scales; () = every row."""
     max_images: int = 0
     """Evaluate only the split's first N images (0: all)."""
     actors: int = 0
@@ -478,6 +480,9 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
     nets, manifest = load_nets(config)
     infos = [n.info for n in nets]
     rows = protocols(infos, config.modes, config.scales, members=config.members)
+    if config.only_rows:
+        keep = {(mode, tuple(scales)) for mode, scales in config.only_rows}
+        rows = [row for row in rows if (row.mode, row.scales[0]) in keep]
     tally, skipped, _ = run_inference(config, nets, rows, manifest)
     if tally.total == 0:
         raise ConfigError(f"no image of split {config.split!r} could be decoded")

@@ -53,8 +53,9 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def make_layers(config: list[Layer], width: float = 1.0) -> nn.Sequential:
-    """Build the conv stack of one Table 1 column (every conv followed by ReLU)."""
+def make_layers(config: list[Layer], width: float = 1.0, batch_norm: bool = False) -> nn.Sequential:
+    """Build the conv stack of one Table 1 column (every conv followed by ReLU; with
+    `batch_norm`, conv -> BatchNorm -> ReLU as torchvision's vgg*_bn, which is not the paper)."""
     layers: list[nn.Module] = []
     in_channels = 3
     for layer in config:
@@ -67,6 +68,8 @@ def make_layers(config: list[Layer], width: float = 1.0) -> nn.Sequential:
             channels, kernel = layer if isinstance(layer, tuple) else (layer, 3)
             out_channels = _scaled(channels, width)
             layers.append(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
             layers.append(nn.ReLU(inplace=True))
             in_channels = out_channels
     return nn.Sequential(*layers)
@@ -97,6 +100,10 @@ class VGG(nn.Module):
     def num_classes(self) -> int:
         return self.classifier[-1].out_features
 
+    @property
+    def batch_norm(self) -> bool:
+        return any(isinstance(m, nn.BatchNorm2d) for m in self.features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
@@ -106,11 +113,15 @@ def init_weights(model: nn.Module, init: str = "paper") -> None:
     """Initialise every conv and FC layer, biases 0: "paper" is N(0, 0.01) (Sect. 3.1); "glorot"
     Xavier uniform (the paper's afterword: it trains the deep nets without pre-training);
     "kaiming" is torchvision's VGG init (He et al. 2015 for convs, N(0, 0.01) for FCs), which
-    keeps the signal's scale through 16 ReLU convs where Glorot halves it at each."""
+    keeps the signal's scale through 16 ReLU convs where Glorot halves it at each. Batch norm
+    layers start as the identity (weight 1, bias 0), as torchvision's."""
     if init not in INITS:
         raise ConfigError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     for module in model.modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d | nn.Linear):
             if init == "glorot":
                 nn.init.xavier_uniform_(module.weight)
             elif init == "kaiming" and isinstance(module, nn.Conv2d):
@@ -126,11 +137,15 @@ def build_vgg(
     width: float = 1.0,
     init: str = "paper",
     dropout: float = 0.5,
+    batch_norm: bool = False,
 ) -> VGG:
     """Build net `name` ("A", "A-LRN", "B", "C", "D" or "E") of Table 1.
 
     `width` scales every conv and FC width (1.0 is the paper's net; 1/16 makes a net that trains
-    in seconds on a CPU). `dropout` is the paper's 0.5 after FC1 and FC2.
+    in seconds on a CPU). `dropout` is the paper's 0.5 after FC1 and FC2. `batch_norm` adds a
+    BatchNorm after every conv: torchvision's vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn for A, B,
+    D, E (their state_dicts load strictly). Not in the paper (batch norm came later, 2015);
+    it is what makes these nets train from scratch on small data sets.
     """
     if name not in CONFIGS:
         raise ConfigError(f"unknown VGG net {name!r}; choose one of {', '.join(CONFIGS)}")
@@ -140,7 +155,7 @@ def build_vgg(
         raise ConfigError(f"width must be > 0, got {width!r}")
     if not 0 <= dropout < 1:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
-    model = VGG(make_layers(CONFIGS[name], width), num_classes, width, dropout)
+    model = VGG(make_layers(CONFIGS[name], width, batch_norm), num_classes, width, dropout)
     init_weights(model, init)
     return model
 
@@ -205,6 +220,8 @@ def init_from_shallow(deep: VGG, trained_a: VGG) -> list[str]:
         for stage, position in ((0, 0), (1, 0), (2, 0), (2, 1))
     ]
     copies += [(f"classifier.{i}", f"classifier.{i}") for i in (0, 3, 6)]
+    if trained_a.batch_norm and deep.batch_norm:  # each copied conv's batch norm goes with it
+        copies += [(_next(source), _next(target)) for source, target in copies[:4]]
     source_modules, target_modules = dict(trained_a.named_modules()), dict(deep.named_modules())
     for source_name, target_name in copies:
         source, target = source_modules[source_name], target_modules[target_name]
@@ -214,12 +231,15 @@ def init_from_shallow(deep: VGG, trained_a: VGG) -> list[str]:
                 f"{tuple(source.weight.shape)} vs {tuple(target.weight.shape)} "
                 "(the nets differ in width or class count)"
             )
-    with torch.no_grad():
-        for source_name, target_name in copies:
-            source, target = source_modules[source_name], target_modules[target_name]
-            target.weight.copy_(source.weight)
-            target.bias.copy_(source.bias)
+    for source_name, target_name in copies:
+        target_modules[target_name].load_state_dict(source_modules[source_name].state_dict())
     return [target for _, target in copies]
+
+
+def _next(name: str) -> str:
+    """ "features.3" -> "features.4": the module right after a conv (its batch norm)."""
+    prefix, index = name.rsplit(".", 1)
+    return f"{prefix}.{int(index) + 1}"
 
 
 def forward_macs(model: nn.Module, size: int = 224) -> int:

@@ -36,12 +36,15 @@ def warmup_cosine(epoch: int, *, epochs: int, warmup: int) -> float:
 class Plateau:
     """The paper's rule: divide by 1/factor when validation accuracy has not improved for more
     than `patience` epochs, at most `max_decays` times. Same decisions as torch's
-    ReduceLROnPlateau(mode="max", threshold=1e-4) with a min_lr after `max_decays` decays."""
+    ReduceLROnPlateau(mode="max", threshold=1e-4) with a min_lr after `max_decays` decays,
+    except that no epoch counts as a plateau while the best accuracy is still at chance
+    (below `started`): a net that has not begun to learn needs its lr, not a tenth of it."""
 
     THRESHOLD = 1e-4  # relative improvement that counts, as torch's default
 
-    def __init__(self, *, factor: float, patience: int, max_decays: int):
+    def __init__(self, *, factor: float, patience: int, max_decays: int, started: float = 0.0):
         self.factor, self.patience, self.max_decays = factor, patience, max_decays
+        self.started = started
         self.best = -math.inf
         self.bad_epochs = 0
         self.decays = 0
@@ -52,7 +55,7 @@ class Plateau:
     def update(self, val_accuracy: float) -> None:
         if val_accuracy > self.best * (1 + self.THRESHOLD):
             self.best, self.bad_epochs = val_accuracy, 0
-        else:
+        elif self.best >= self.started:
             self.bad_epochs += 1
         if self.bad_epochs > self.patience:
             self.decays = min(self.decays + 1, self.max_decays)
@@ -97,11 +100,13 @@ class EpochSchedule:
 
 def build_schedule(
     name: str, *, epochs: int, factor: float, patience: int, max_decays: int, step_size: int,
-    warmup: int,
+    warmup: int, classes: int = 0,
 ) -> Plateau | EpochSchedule:  # fmt: skip
-    """The schedule `name` (one of SCHEDULES) with the run's settings."""
+    """The schedule `name` (one of SCHEDULES) with the run's settings. With `classes`, the
+    plateau rule waits until val accuracy exceeds 1.5x chance (1.5 / classes) before decaying."""
     if name == "plateau":
-        return Plateau(factor=factor, patience=patience, max_decays=max_decays)
+        started = 1.5 / classes if classes else 0.0
+        return Plateau(factor=factor, patience=patience, max_decays=max_decays, started=started)
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     return EpochSchedule(name, epochs=epochs, factor=factor, step_size=step_size, warmup=warmup)

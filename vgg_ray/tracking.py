@@ -50,6 +50,22 @@ def check_reachable(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"cannot reach MLflow at {tracking_uri}: {reason}") from None
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing. On a local sqlite:/// store its
+    artifacts go beside the database (<folder>/mlartifacts), not into ./mlruns of whatever
+    folder the first run happened to start in."""
+    from pathlib import Path
+
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    uri = client.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def model_requirements(*packages: str) -> list[str]:
     """Pinned pip requirements of a logged model: the pickled net is a `vgg_ray.models.VGG`.
     Named, not inferred: MLflow's inference reloads the model in a subprocess (~10 s a model)."""

@@ -13,6 +13,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from vgg_ray import checkpoint as ckpt
-from vgg_ray.config import TrainConfig, default_home
+from vgg_ray.config import TrainConfig, default_home, init_note
 from vgg_ray.data import SplitStream, load_manifest
 from vgg_ray.errors import ConfigError
 from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
@@ -35,11 +36,17 @@ from vgg_ray.tracking import (
     NullTracker,
     Tracker,
     check_reachable,
+    experiment_id,
     log_net,
 )
 
 log = logging.getLogger("vgg_ray.train")
-SCORE = "val_top5_error"  # what the best checkpoints are kept by
+SCORE = "val_top5_error"  # the paper's measure
+# What the best checkpoints are kept by: top-5 error, ties broken by top-1 error. The weight is
+# below one image in a million, so it only ever decides between equal top-5 errors (every
+# epoch's on a data set of 5 classes or fewer, where top-5 error is 0).
+RANK = "checkpoint_rank"
+TIE_BREAK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -73,17 +80,46 @@ def _initial_weights(model: VGG, config: TrainConfig) -> list[str]:
     """Apply `config.init` when it names trained weights; returns the layers it set."""
     if config.init in INITS:
         return []
-    trained, state = ckpt.load_trained(config.init, s3_endpoint=config.data.s3_endpoint)
+    try:
+        trained, state = ckpt.load_trained(config.init, s3_endpoint=config.data.s3_endpoint)
+    except (OSError, RuntimeError, ValueError) as error:  # unreadable, not a torch file, ...
+        raise ConfigError(
+            f"cannot load init {config.init}: {str(error).splitlines()[0][:200]}"
+        ) from error
     if trained is not None and _conv_layers(trained) < _conv_layers(model):
         return init_from_shallow(model, trained)  # Sect. 3.1: deep nets start from a trained A
+    weights = dict(state["model"])
+    head = model.classifier[-1].weight
+    if weights.get(HEAD_WEIGHT, head).shape[0] != head.shape[0]:
+        # Fine-tuning on another class count (ImageNet's 1000 to one's own 10): every layer but
+        # the last, which keeps its random init.
+        weights = {k: v for k, v in weights.items() if not k.startswith(HEAD)}
+        weights.update({k: v for k, v in model.state_dict().items() if k.startswith(HEAD)})
     try:
-        model.load_state_dict(state["model"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise ConfigError(
             f"init {config.init}: weights do not fit net {config.arch} "
             f"(width {config.width}, {model.num_classes} classes): {str(error).splitlines()[0]}"
         ) from error
-    return list(state["model"])
+    return [k for k in weights if not k.startswith(HEAD) or k in state["model"]]
+
+
+HEAD = "classifier.6."  # FC3: the class scores
+HEAD_WEIGHT = HEAD + "weight"
+
+
+def check_init(config: TrainConfig, classes: int) -> None:
+    """On the driver, before any worker starts: `config.init`'s weights load and fit the net
+    (width, class count, layout). The net is built on the meta device: shapes, no memory."""
+    if config.init in INITS:
+        return
+    with torch.device("meta"):
+        model = build_vgg(config.arch, classes, config.width, "glorot", config.dropout,
+                          config.batch_norm)  # fmt: skip
+    with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": as meant
+        warnings.simplefilter("ignore", UserWarning)
+        _initial_weights(model, config)
 
 
 def _conv_layers(model: torch.nn.Module) -> int:
@@ -119,9 +155,9 @@ class Worker:
         self.manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        init = config.init if config.init in INITS else "paper"
+        init = config.init if config.init in INITS else config.base_init
         model = build_vgg(config.arch, len(self.manifest.classes), config.width, init,
-                          config.dropout)  # fmt: skip
+                          config.dropout, config.batch_norm)  # fmt: skip
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
                                          momentum=config.momentum,
                                          weight_decay=config.weight_decay)  # fmt: skip
@@ -131,6 +167,7 @@ class Worker:
             config.schedule, epochs=config.epochs, factor=config.lr_factor,
             patience=config.lr_patience, max_decays=config.lr_decays,
             step_size=config.step_size, warmup=config.warmup_epochs,
+            classes=len(self.manifest.classes),
         )  # fmt: skip
         self.loop: dict[str, Any] = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "history": [],
                                      "best": math.inf}  # fmt: skip
@@ -289,10 +326,11 @@ class Worker:
             if self.rank == 0:
                 ckpt.save_state(directory, self._state())
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
+            rank = metrics[SCORE] + TIE_BREAK * metrics["val_top1_error"] if is_epoch_end else 2.0
             ray.train.report(
-                # Mid-epoch checkpoints are not evaluated: scored as the worst possible error
-                # (Ray's ranking cannot take inf), they are kept only while they are the latest.
-                {**metrics, SCORE: metrics[SCORE] if is_epoch_end else 1.0},
+                # Mid-epoch checkpoints are not evaluated: ranked below any epoch's (Ray's
+                # ranking cannot take inf), they are kept only while they are the latest.
+                {**metrics, SCORE: metrics[SCORE] if is_epoch_end else 1.0, RANK: rank},
                 checkpoint=checkpoint,
                 checkpoint_dir_name=name,
             )
@@ -369,7 +407,7 @@ def _run_exists(filesystem, path: str, run_name: str) -> bool:
     return info.type != pyarrow.fs.FileType.NotFound
 
 
-def _mlflow_run(config: TrainConfig, *, resume: bool) -> str:
+def _mlflow_run(config: TrainConfig, *, resume: bool, tags: dict[str, str]) -> str:
     """The run's id: the one tagged with this run name when resuming, else a new run."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -382,21 +420,19 @@ def _mlflow_run(config: TrainConfig, *, resume: bool) -> str:
     mlflow.set_tracking_uri(config.tracking_uri)
     client = MlflowClient(config.tracking_uri)
     try:
-        experiment = client.get_experiment_by_name(config.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else client.create_experiment(config.experiment)
-        )
+        experiment = experiment_id(client, config.experiment)
     except Exception as error:
         raise ConfigError(
             f"cannot reach MLflow at {config.tracking_uri}: {str(error).splitlines()[0][:200]}"
         ) from error
     if resume:
         runs = client.search_runs(
-            [experiment_id], filter_string=f"tags.`vgg_ray.run_name` = '{config.run_name}'"
+            [experiment], filter_string=f"tags.`vgg_ray.run_name` = '{config.run_name}'"
         )
         if runs:
             return runs[0].info.run_id
-    run = client.create_run(experiment_id, run_name=config.run_name, tags=_tags(config))
+    run = client.create_run(experiment, run_name=config.run_name,
+                            tags={**_tags(config), **tags})  # fmt: skip
     params = {k: str(v)[:6000] for k, v in config.flat().items()}
     client.log_batch(
         run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()]
@@ -475,7 +511,7 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.keep_best,
-                checkpoint_score_attribute=SCORE,
+                checkpoint_score_attribute=RANK,
                 checkpoint_score_order="min",
             ),
             callbacks=list(callbacks),
@@ -483,14 +519,21 @@ def build_trainer(
     )
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
-    """Train one net end to end; the function every train job and `vgg-ray train` call."""
+def train(
+    config: TrainConfig, *, resume: bool = False, tags: dict[str, str] | None = None
+) -> TrainSummary:
+    """Train one net end to end; the function every train job and `vgg-ray train` call.
+    `tags` go on a new MLflow run besides the usual ones (the chain's stage and lineage)."""
     import mlflow
 
     from vgg_ray import runtime
 
     config = resolve(config).validate()
     manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
+    if not resume:
+        check_init(config, len(manifest.classes))
+    if note := init_note(config):
+        print(f"vgg-ray: {note}", flush=True)
     filesystem, storage_path = _storage(config)
     exists = _run_exists(filesystem, storage_path, config.run_name)
     if exists and not resume:
@@ -502,7 +545,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
         raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
 
     # MLflow before Ray: an unreachable tracking server fails in seconds, before a cluster starts
-    run_id = _mlflow_run(config, resume=resume)
+    run_id = _mlflow_run(config, resume=resume, tags=tags or {})
     runtime.connect()
     gpus = gpus_per_worker(config)
     print(
@@ -581,7 +624,9 @@ def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
 
     from vgg_ray.plots import plot_history
 
-    best_checkpoint, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1][SCORE])
+    # (runs begun before the rank was reported: by top-5 error alone)
+    ranked = [(c, m.get(RANK, m[SCORE]), m) for c, m in result.best_checkpoints]
+    best_checkpoint, _, best_metrics = min(ranked, key=lambda entry: entry[1])
     with result.checkpoint.as_directory() as directory:
         history = ckpt.load_state(directory)["loop"]["history"]
     with best_checkpoint.as_directory() as directory:
