@@ -251,7 +251,7 @@ def test_the_small_profile_follows_the_data_sets_size():
 
     tiny = small(facts=DataFacts(classes=10, train_images=1_200, short_side=32))
     assert (tiny.arch, tiny.width, tiny.batch_norm) == ("A", 0.25, True)
-    assert tiny.data.crop == 32 and tiny.data.scale == (37, 73)
+    assert tiny.data.crop == 32 and tiny.data.scale == (37, 48)
     assert tiny.schedule == "warmup_cosine" and 15 <= tiny.epochs <= 60
     photos = small(facts=DataFacts(classes=100, train_images=60_000, short_side=375))
     assert (photos.arch, photos.width, photos.data.crop) == ("D", 1.0, 64)

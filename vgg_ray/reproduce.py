@@ -224,6 +224,7 @@ class Chain:
     experiment_id: str
     parent_id: str
     runs: dict[str, object] = field(default_factory=dict)  # stage name -> mlflow Run
+    rows: dict[str, list] = field(default_factory=dict)  # eval run id -> its report rows
 
     def refresh(self, name: str) -> None:
         found = _chain_runs(self.client, self.experiment_id, name)
@@ -439,16 +440,22 @@ def report_rows(chain: Chain, stages: Sequence[Stage]) -> list[ReportRow]:
     for stage in stages:
         if stage.kind in ("eval", "ensemble") and chain.finished(stage.name):
             run_id = chain.runs[stage.name].info.run_id  # type: ignore[attr-defined]
-            with tempfile.TemporaryDirectory() as directory:
-                path = chain.client.download_artifacts(run_id, "report_rows.json", directory)
-                text = Path(path).read_text()
-            for values in json.loads(text):
-                paper = values.pop("paper", None)
-                rows.append(ReportRow(**values, paper=tuple(paper) if paper else None))
+            if run_id not in chain.rows:
+                chain.rows[run_id] = _logged_rows(chain.client, run_id)
+            rows += chain.rows[run_id]
     order = {net: i for i, net in enumerate((*NETS, "D+E"))}
     modes = {mode: i for i, mode in enumerate(TABLE5_MODES)}
     return sorted(rows, key=lambda r: (r.table, order.get(r.net, 99), r.train_scale,
                                        modes.get(r.method, 9)))  # fmt: skip
+
+
+def _logged_rows(client, run_id: str) -> list[ReportRow]:
+    """The report rows an evaluation stage logged (`report_rows.json`)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = client.download_artifacts(run_id, "report_rows.json", directory)
+        values = json.loads(Path(path).read_text())
+    return [ReportRow(**{**v, "paper": tuple(v["paper"]) if v.get("paper") else None})
+            for v in values]  # fmt: skip
 
 
 def report_markdown(rows: Sequence[ReportRow]) -> str:
