@@ -84,7 +84,8 @@ def test_nets_and_stages_select_a_part_with_what_it_needs():
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("VGG_RAY_HOME", str(tmp_path))
+    monkeypatch.setenv("VGG_RAY_HOME", str(tmp_path))  # the embedded default's local store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     manifest = make_shards(tmp_path, classes=2, train_per_class=4, val_per_class=2)
     code = main(["reproduce", "--manifest", manifest, *argv])
     err = capsys.readouterr().err
@@ -114,7 +115,7 @@ def test_a_reduced_chain_runs_resumes_and_reports(ray_cluster, tmp_path, monkeyp
                 storage_path=str(tmp_path / "checkpoints"), log_every_steps=2)  # fmt: skip
     base = replace(base, data=replace(base.data, manifest=manifest, read_cpus=0.5))
     config = ReproduceConfig(base=base, name="t", nets=("A", "D", "E"), actors=1)
-    client = MlflowClient(tracking)
+    client = MlflowClient(tracking, registry_uri=tracking)  # not the global one of other tests
 
     def runs() -> dict[str, list]:
         found = client.search_runs(
@@ -174,3 +175,19 @@ def test_a_reduced_chain_runs_resumes_and_reports(ray_cluster, tmp_path, monkeyp
     assert reproduce(replace(config, stages=("256",))) == rows
     assert sum(len(v) for v in runs().values()) == total
     assert "8 stages, 8 already done" in capsys.readouterr().out
+
+    # 5. Net A in the registry: the paper profile of a deep net starts from it where it fits.
+    from vgg_ray.cli import build_parser, train_config
+    from vgg_ray.registry import RegisterConfig, register_runs
+    from vgg_ray.train import NET_A
+
+    (net_a,) = register_runs(RegisterConfig(runs=(a_run.info.run_id,), tracking_uri=tracking))
+    client.set_registered_model_alias("vgg-A", "champion", net_a.version)
+
+    def paper_config(*argv):
+        args = ["train", "--manifest", manifest, "--arch", "D", "--tracking-uri", tracking, *argv]
+        return train_config(build_parser().parse_args(args))
+
+    assert paper_config("--width", "0.0625").init == NET_A
+    assert paper_config().init == "glorot"  # the full-width D cannot take the tiny net A
+    assert f"{NET_A} does not fit net D" in capsys.readouterr().out

@@ -184,9 +184,10 @@ def train_config(args: argparse.Namespace):
 
     profile = args.profile or ("paper" if args.manifest else "demo")
     config = _profile_config(profile, getattr(args, "arch", None), args)
+    yaml_values: dict = {}
     if args.config:
         try:
-            values = yaml.safe_load(Path(args.config).read_text()) or {}
+            values = yaml_values = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"cannot read {args.config}: {error}".splitlines()[0]) from error
         if not isinstance(values, dict):
@@ -201,7 +202,26 @@ def train_config(args: argparse.Namespace):
     config = replace(config, data=data, **{k: given[k] for k in loop})
     if not config.data.manifest:
         config = replace(config, data=replace(config.data, manifest=_demo_manifest()))
-    return config.validate()
+    config = config.validate()
+    if profile == "paper" and config.init == "glorot" and "init" not in {**given, **yaml_values}:
+        config = _paper_net_a(config)
+    return config
+
+
+def _paper_net_a(config):
+    """The paper's init of a deep net (Sect. 3.1), where a trained net A is registered."""
+    from dataclasses import replace
+
+    from vgg_ray.train import registered_net_a
+
+    if source := registered_net_a(config):
+        print(
+            f"vgg-ray: net {config.arch} starts from the registry's trained net A ({source}): "
+            "its first four convs and three FCs, as in the paper (Sect. 3.1)",
+            flush=True,
+        )
+        config = replace(config, init=source)
+    return config
 
 
 def _train(args: argparse.Namespace) -> None:

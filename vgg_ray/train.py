@@ -122,6 +122,38 @@ def check_init(config: TrainConfig, classes: int) -> None:
         _initial_weights(model, config)
 
 
+NET_A = "models:/vgg-A@champion"  # where a deep net of the paper profile looks for its net A
+
+
+def registered_net_a(config: TrainConfig) -> str | None:
+    """`NET_A` when the run's tracking store holds it and it fits `config`'s net (width, class
+    count), else None. Looks only where a store already exists: a sqlite file that is there, a
+    server that answers; a net A that does not fit is passed over with one line."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve(config).tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        check_reachable(uri, timeout_s=2)
+        MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("vgg-A", "champion")
+    except Exception:  # no such model or alias, no server: the caller's default stands
+        return None
+    candidate = replace(config, init=NET_A, tracking_uri=uri)
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
+        check_init(candidate, len(manifest.classes))
+    except ConfigError as error:
+        print(f"vgg-ray: {NET_A} does not fit net {config.arch} ({error}); not using it",
+              flush=True)  # fmt: skip
+        return None
+    return NET_A
+
+
 def _conv_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
@@ -178,6 +210,11 @@ class Worker:
             with restored.as_directory() as directory:
                 self._load(model, ckpt.load_state(directory))
         else:
+            if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
+                import mlflow
+
+                mlflow.set_tracking_uri(loop_config["tracking_uri"])
+                mlflow.set_registry_uri(loop_config["tracking_uri"])
             _initial_weights(model, config)
         self.model = parallelize(model, self.device, channels_last=self.channels_last,
                                  compile=config.compile)  # fmt: skip
