@@ -39,6 +39,7 @@ def world(tmp_path_factory) -> dict[str, str]:
     manifest = prepare(PrepareConfig(src=str(tree), dest=str(root / "shards"), workers=1,
                                      progress=False)).manifest  # fmt: skip
     (root / "notrain").mkdir()
+    (root / "oneclass" / "train" / "n00000001").mkdir(parents=True)
     (root / "badjson").mkdir()
     (root / "badjson" / "manifest.json").write_text("{not json")
     (root / "unknown.yaml").write_text("epochs: 2\nlearning_rate: 0.1\n")
@@ -104,6 +105,7 @@ CASES = [
      "has no train/ folder"),
     ("prepare bad shard size", ["prepare", "{tree}", "{root}/out", "--shard-size", "huge"],
      "not a size"),
+    ("prepare one class", ["prepare", "{root}/oneclass", "{root}/out"], "one class folder"),
     ("prepare zero workers", ["prepare", "{tree}", "{root}/out", "--workers", "0"],
      "must be positive"),
     ("prepare class names missing", ["prepare", "{tree}", "{root}/out", "--class-names",
@@ -147,8 +149,17 @@ CASES = [
      "no stack recorded"),
     ("stack port out of range", ["stack", "up", "--state-dir", "{root}/st", "--s3-port", "70000"],
      "70000"),
+    # reproduce
+    ("reproduce unknown net", ["reproduce", "--manifest", "{manifest}", "--nets", "A,X"],
+     "unknown net(s) X"),
+    ("reproduce unknown stage", ["reproduce", "--manifest", "{manifest}",
+                                 "--stages", "E-1024"], "unknown stage(s) E-1024"),
+    ("reproduce negative concurrency", ["reproduce", "--manifest", "{manifest}",
+                                        "--max-concurrent", "-2"],
+     "max_concurrent must be >= 0"),
     # evaluate
     ("evaluate no model", ["evaluate"], "no model given"),
+    ("evaluate zero actors", ["evaluate", "--model", "x", "--actors", "0"], "must be >= 1"),
     ("evaluate checkpoint missing", ["evaluate", "--model", "{root}/nope"], "no checkpoint"),
     ("evaluate checkpoint garbage", ["evaluate", "--model", "{root}/garbage.pt"],
      "cannot load checkpoint"),

@@ -373,3 +373,36 @@ def test_the_embedded_default_sqlite_store_registers_and_serves_an_ensemble(nets
     probs = model.predict([image])  # dense by default here
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert not np.allclose(probs, model.predict([image], params={"mode": "single"}))
+
+
+def test_the_gate_decides_on_top1_where_top5_cannot_separate():
+    from vgg_ray.registry import gate
+
+    def row(top1, top5):
+        return dataclasses.make_dataclass("Row", ["top1_error", "top5_error"])(top1, top5)
+
+    assert gate(row(0.3, 0.1), None, 0.0) == (True, "no champion")
+    assert gate(row(0.3, 0.10), row(0.2, 0.12), 0.0) == (True, "top5_error")  # top-5 rules
+    assert gate(row(0.3, 0.10), row(0.2, 0.105), 0.01) == (False, "top5_error")  # the margin
+    # 4 classes: every top-5 error is 0; the better top-1 wins, by more than the margin
+    assert gate(row(0.20, 0.0), row(0.30, 0.0), 0.05) == (True, "top1_error")
+    assert gate(row(0.28, 0.0), row(0.30, 0.0), 0.05) == (False, "top1_error")
+
+
+def test_a_promotion_history_of_int_versions_is_written_as_text(tmp_path):
+    """The SQLite store (the embedded default) returns versions as int, an mlflow server as
+    str: the champion history is text either way."""
+    from mlflow.tracking import MlflowClient
+
+    from vgg_ray.registry import PREVIOUS, _history, push_history
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    client.create_registered_model("vgg-X")
+    versions = [client.create_model_version("vgg-X", source=str(tmp_path)).version
+                for _ in range(2)]  # fmt: skip
+    assert all(isinstance(v, int) for v in versions)  # what `promote` crashed on
+    for version in versions:
+        push_history(client, "vgg-X", version)
+    assert _history(client, "vgg-X") == ["1", "2"]
+    assert client.get_registered_model("vgg-X").tags[PREVIOUS] == "2"

@@ -32,10 +32,22 @@ def _s3_option(add: Callable) -> None:
 def _actor_options(add: Callable) -> None:
     """Where an evaluation runs: Ray Data's actor pool (evaluate, promote)."""
     add("--max-images", type=int, help="only the split's first N images")
-    add("--actors", type=int, help="evaluation actors (default: one per GPU, else per 2 CPUs)")
+    add("--actors", type=_at_least_one, help="evaluation actors (default: one per GPU, else "
+        "per 2 CPUs)")  # fmt: skip
     add("--gpus-per-actor", type=float)
     add("--cpus-per-actor", type=float)
     add("--batch-size", type=int, help="images per batch sent to an actor (default 32)")
+
+
+def _at_least_one(text: str) -> int:
+    """A count that must be given as 1 or more (omitting the option takes the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (omit it for the default), got {value}")
+    return value
 
 
 def _scale(text: str) -> tuple[int, int]:
@@ -53,7 +65,8 @@ def add_train_options(
     parser: argparse.ArgumentParser, *, arch: str | None = None, one_run: bool = True
 ) -> None:
     """The options of `vgg-ray train` and of every jobs/train_*.py (where arch is fixed); without
-    `one_run` (the chain of `reproduce`), no --arch, --run-name and --resume."""
+    `one_run` (the chain of `reproduce`), no --arch, --run-name, --resume, --scale and
+    --eval-scale: each stage sets them."""
     from vgg_ray.config import TrainConfig
     from vgg_ray.data import StreamConfig
     from vgg_ray.models import CONFIGS
@@ -86,8 +99,9 @@ def add_train_options(
     add("--clip-grad-norm", type=float, help="clip each step's gradient to this L2 norm (0: off)")
     add("--max-nonfinite-steps", type=int, help="steps in a row with a non-finite gradient "
         "(each skipped) before the run stops as diverged (default 20)")  # fmt: skip
-    add("--scale", type=_scale, help="training scale S: 256, 384 or a jitter range 256-512")
-    add("--eval-scale", type=int, help="validation scale Q")
+    if one_run:  # a chain's stages set their own net, scale and run name
+        add("--scale", type=_scale, help="training scale S: 256, 384 or a jitter range 256-512")
+        add("--eval-scale", type=int, help="validation scale Q")
     add("--crop", type=int, help="training crop size (paper: 224)")
     add("--width", type=float, help="multiplier on every layer's width (paper: 1)")
     add(
@@ -105,8 +119,9 @@ def add_train_options(
     _tracking_option(add)
     add("--experiment", help="MLflow experiment (default vgg-ray)")
     # Every other field of the run's config, its help the field's docstring.
-    add_field_options(parser, TrainConfig, skip={"data"})
-    add_field_options(parser, StreamConfig)
+    per_stage = set() if one_run else {"arch", "run_name", "scale", "eval_scale"}
+    add_field_options(parser, TrainConfig, skip={"data", *per_stage})
+    add_field_options(parser, StreamConfig, skip=per_stage)
 
 
 def add_field_options(parser: argparse.ArgumentParser, cls: type, *, skip=()) -> None:
@@ -719,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--scales", type=_scale_set, metavar="Q[,Q...]",
         help="test scales for both (default: the paper's per net)")  # fmt: skip
     add("--margin", type=float,
-        help="top-5 error the challenger must win by, a fraction (default 0)")  # fmt: skip
+        help="top-5 error the challenger must win by, a fraction (default 0); top-1 error "
+        "where their top-5 errors are equal")  # fmt: skip
     _actor_options(add)
     add("--no-mlflow", dest="log_evaluations", action="store_false", default=None,
         help="do not log the evaluations' tables to MLflow (evidence tags still are)")  # fmt: skip

@@ -311,6 +311,9 @@ def scan_source(config: PrepareConfig) -> tuple[list[dict], dict[str, list[Item]
     wnids = _class_folders(train)
     if not wnids:
         raise ConfigError(f"{train} has no class folders (expected train/<wnid>/*.JPEG)")
+    if len(wnids) == 1:  # a classifier of one class learns nothing and scores 0% error
+        raise ConfigError(f"{train} has one class folder ({wnids[0]}); a classifier needs at "
+                          "least two (train/<class>/ per class)")  # fmt: skip
     index = {wnid: i for i, wnid in enumerate(wnids)}
 
     names = read_class_names(config.class_names) if config.class_names else {}

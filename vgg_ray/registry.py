@@ -99,7 +99,7 @@ class PromoteConfig:
     """Test scales Q for every net; () = the paper's defaults per net (vgg_ray.evaluate)."""
     margin: float = 0.0
     """The challenger's top-5 error must be below the champion's by more than this (a
-    fraction: 0.001 = 0.1 points)."""
+    fraction: 0.001 = 0.1 points); top-1 error where the two top-5 errors are equal."""
     max_images: int = 0
     """Only the split's first N images (0: all); the same images for both."""
     actors: int = 0
@@ -137,6 +137,13 @@ class Decision:
     tags: dict[str, str]
 
     def summary(self) -> str:
+        if self.tags.get("promotion.decided_by") == "top1_error":
+            c, d = (self.tags[f"promotion.{who}_top1_error"] for who in ("challenger", "champion"))
+            verdict = "promoted" if self.promoted else "refused"
+            return (f"{verdict}: {self.name} version {self.challenger} vs {CHAMPION} version "
+                    f"{self.champion}: equal top-5 errors, so top-1 error decided: "
+                    f"{100 * float(c):.2f}% vs {100 * float(d):.2f}% (margin "
+                    f"{100 * float(self.tags['promotion.margin']):.2f} points)")  # fmt: skip
         c = f"{100 * self.challenger_top5_error:.2f}%"
         if self.champion is None:
             return (f"promoted {self.name} version {self.challenger} to {CHAMPION} (none before): "
@@ -511,6 +518,17 @@ def _evaluate_version(config: PromoteConfig, client, version, manifest: str, dir
     return result.rows[-1], list(result.mlflow_runs)
 
 
+def gate(ours, theirs, margin: float) -> tuple[bool, str]:
+    """(promote?, the measure that decided): the challenger's top-5 error must be below the
+    champion's by more than `margin`; where the two top-5 errors are equal (on 5 classes or
+    fewer both are 0), top-1 error decides, with the same margin."""
+    if theirs is None:
+        return True, "no champion"
+    if ours.top5_error != theirs.top5_error:
+        return ours.top5_error < theirs.top5_error - margin, "top5_error"
+    return ours.top1_error < theirs.top1_error - margin, "top1_error"
+
+
 def promote(config: PromoteConfig) -> Decision:
     """Evaluate @challenger and @champion with the same protocol on the same held-out split;
     move @champion to the challenger only if its top-5 error is lower by more than the margin.
@@ -540,7 +558,7 @@ def promote(config: PromoteConfig) -> Decision:
         if champion is not None:
             theirs, their_runs = _evaluate_version(config, client, champion, manifest,
                                                    Path(directory) / "champion")  # fmt: skip
-    better = theirs is None or ours.top5_error < theirs.top5_error - config.margin
+    better, measure = gate(ours, theirs, config.margin)
     scales = ",".join(map(str, config.scales)) or "paper defaults per net"
     tags = {
         "promotion.decision": "promoted" if better else "refused",
@@ -556,6 +574,7 @@ def promote(config: PromoteConfig) -> Decision:
         "promotion.champion_top1_error": f"{theirs.top1_error:.6f}" if theirs else "none",
         "promotion.champion_test_scales": theirs.test_scales if theirs else "none",
         "promotion.margin": f"{config.margin:g}",
+        "promotion.decided_by": measure,
         "promotion.manifest": manifest,
         "promotion.manifest_sha256": sha,
         "promotion.run_ids": f"challenger={challenger.run_id or ''} "
@@ -567,9 +586,7 @@ def promote(config: PromoteConfig) -> Decision:
         client.set_model_version_tag(name, challenger.version, key, value)
     if better:
         if champion is not None:
-            history = _history(client, name) + [champion.version]
-            client.set_registered_model_tag(name, HISTORY, ",".join(history))
-            client.set_registered_model_tag(name, PREVIOUS, champion.version)
+            push_history(client, name, champion.version)
         client.set_registered_model_alias(name, CHAMPION, challenger.version)
         client.delete_registered_model_alias(name, CHALLENGER)
     decision = Decision(
@@ -578,6 +595,14 @@ def promote(config: PromoteConfig) -> Decision:
     )  # fmt: skip
     print(f"vgg-ray promote: {decision.summary()}", flush=True)
     return decision
+
+
+def push_history(client, name: str, version: int | str) -> None:
+    """Record `version` as the champion just replaced. str(): the SQLite store (the embedded
+    default) returns versions as int, an mlflow server as str."""
+    history = _history(client, name) + [str(version)]
+    client.set_registered_model_tag(name, HISTORY, ",".join(history))
+    client.set_registered_model_tag(name, PREVIOUS, str(version))
 
 
 def _history(client, name: str) -> list[str]:
