@@ -152,6 +152,11 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _profile_name(args: argparse.Namespace) -> str:
+    """--profile, else `paper` with --manifest (one's data set) and `demo` without."""
+    return args.profile or ("paper" if args.manifest else "demo")
+
+
 def _profile_config(profile: str, arch: str | None, args: argparse.Namespace):
     """The profile's config; `small` reads the data set's size first (the demo set without
     --manifest)."""
@@ -197,7 +202,7 @@ def train_config(args: argparse.Namespace):
     from vgg_ray.config import TrainConfig
     from vgg_ray.data import StreamConfig
 
-    profile = args.profile or ("paper" if args.manifest else "demo")
+    profile = _profile_name(args)
     config = _profile_config(profile, getattr(args, "arch", None), args)
     yaml_values: dict = {}
     if args.config:
@@ -286,7 +291,7 @@ def reproduce_config(args: argparse.Namespace):
 
     args.arch = "A"
     base = train_config(args)
-    if (args.profile or ("paper" if args.manifest else "demo")) == "demo" and args.epochs is None:
+    if _profile_name(args) == "demo" and args.epochs is None:
         base = replace(base, epochs=DEMO_CHAIN_EPOCHS)
     return ReproduceConfig(
         base=base, name=args.name or "", nets=tuple(args.nets or NETS),

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from vgg_ray.config import TrainConfig, default_home
 from vgg_ray.errors import ConfigError
@@ -82,6 +83,11 @@ class Stage:
     for the ensemble and register stages)."""
     init: str = ""
     """Train stages: "scratch", "from-A" (the paper's copy of A's layers) or "finetune"."""
+
+    @property
+    def in_table5(self) -> bool:
+        """Table 5 (multi-crop, multi-crop & dense) reports the jittered D and E."""
+        return self.kind in ("train", "eval") and self.scale == "jitter" and self.arch in ("D", "E")
 
     @property
     def lr_factor(self) -> float:
@@ -220,10 +226,10 @@ def stage_config(config: ReproduceConfig, stage: Stage, init: str = "") -> Train
 class Chain:
     """The chain's state in MLflow: its parent run and the latest run of each stage."""
 
-    client: object
+    client: Any  # mlflow's MlflowClient
     experiment_id: str
     parent_id: str
-    runs: dict[str, object] = field(default_factory=dict)  # stage name -> mlflow Run
+    runs: dict[str, Any] = field(default_factory=dict)  # stage name -> mlflow Run
     rows: dict[str, list] = field(default_factory=dict)  # eval run id -> its report rows
 
     def refresh(self, name: str) -> None:
@@ -232,13 +238,13 @@ class Chain:
 
     def finished(self, stage: str) -> bool:
         run = self.runs.get(stage)
-        return run is not None and run.info.status == "FINISHED"  # type: ignore[attr-defined]
+        return run is not None and run.info.status == "FINISHED"
 
     def tags(self, name: str, stage: Stage, parent: str = "") -> dict[str, str]:
         tags = {"mlflow.parentRunId": self.parent_id, CHAIN_TAG: name, STAGE_TAG: stage.name}
         if parent:
             tags["vgg_ray.init_from"] = parent
-            tags["vgg_ray.init_from_run"] = self.runs[parent].info.run_id  # type: ignore
+            tags["vgg_ray.init_from_run"] = self.runs[parent].info.run_id
         return tags
 
 
@@ -249,14 +255,9 @@ def _chain_runs(client, experiment_id: str, name: str) -> list:
 
 
 def _open_chain(config: ReproduceConfig, tracking_uri: str) -> Chain:
-    from mlflow.tracking import MlflowClient
-
     from vgg_ray import tracking
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    tracking.check_reachable(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = tracking.open_client(tracking_uri)
     experiment_id = tracking.experiment_id(client, config.base.experiment)
     name = config.chain_name
     parents = [r for r in _chain_runs(client, experiment_id, name) if STAGE_TAG not in r.data.tags]
@@ -291,16 +292,16 @@ class ReportRow:
     paper: tuple[float, float] | None
 
 
-def _table_rows(stage: Stage, results, *, ensemble: bool) -> list[ReportRow]:
+def _table_rows(stage: Stage, results) -> list[ReportRow]:
     """The evaluation rows of one stage, as the paper's tables file them."""
     rows = []
     for r in results:
         multi = "," in r.test_scales
-        if ensemble:
+        if stage.kind == "ensemble":
             tables = [6]
         elif r.mode == "dense":
             tables = [4] if multi else [3]
-            if multi and stage.scale == "jitter" and stage.arch in ("D", "E"):
+            if multi and stage.in_table5:
                 tables.append(5)  # Table 5's dense rows repeat Table 4's
         else:
             tables = [5]
@@ -320,13 +321,13 @@ def _eval_rows(stage: Stage, info) -> tuple[tuple[str, tuple[int, ...]], ...]:
     if stage.kind == "ensemble":
         return tuple((mode, three) for mode in TABLE5_MODES)
     rows = [("dense", (single_scale(info),)), ("dense", three)]
-    if stage.scale == "jitter" and stage.arch in ("D", "E"):
+    if stage.in_table5:
         rows += [("multicrop", three), ("dense+multicrop", three)]
     return tuple(rows)
 
 
 def _best_checkpoint(chain: Chain, stage: str) -> str:
-    return chain.runs[stage].data.tags["best_checkpoint"]  # type: ignore[attr-defined]
+    return chain.runs[stage].data.tags["best_checkpoint"]
 
 
 def _run_train(config: ReproduceConfig, chain: Chain, stage: Stage, tracking_uri: str) -> None:
@@ -368,7 +369,7 @@ def _run_evaluation(config: ReproduceConfig, chain: Chain, stage: Stage, trackin
 
     sources = [_best_checkpoint(chain, parent) for parent in stage.parents]
     result = _evaluate_nets(config, stage, sources, tracking_uri)
-    rows = _table_rows(stage, result.rows, ensemble=stage.kind == "ensemble")
+    rows = _table_rows(stage, result.rows)
     client = chain.client
     run = client.create_run(chain.experiment_id, run_name=f"{config.chain_name}-{stage.name}",
                             tags=chain.tags(config.chain_name, stage))  # fmt: skip
@@ -388,7 +389,7 @@ def _run_register(config: ReproduceConfig, chain: Chain, stage: Stage, tracking_
     from vgg_ray.registry import EnsembleConfig, RegisterConfig, register_ensemble, register_runs
 
     nets = [p for p in stage.parents if p != "ensemble-DE"]
-    run_ids = tuple(chain.runs[p].info.run_id for p in nets)  # type: ignore[attr-defined]
+    run_ids = tuple(chain.runs[p].info.run_id for p in nets)
     registered = register_runs(
         RegisterConfig(
             runs=run_ids, tracking_uri=tracking_uri, s3_endpoint=config.base.data.s3_endpoint
@@ -439,7 +440,7 @@ def report_rows(chain: Chain, stages: Sequence[Stage]) -> list[ReportRow]:
     rows = []
     for stage in stages:
         if stage.kind in ("eval", "ensemble") and chain.finished(stage.name):
-            run_id = chain.runs[stage.name].info.run_id  # type: ignore[attr-defined]
+            run_id = chain.runs[stage.name].info.run_id
             if run_id not in chain.rows:
                 chain.rows[run_id] = _logged_rows(chain.client, run_id)
             rows += chain.rows[run_id]
@@ -500,7 +501,7 @@ def describe(config: ReproduceConfig, stages: Sequence[Stage], train_images: int
             hours = config.base.epochs * train_images / H200_IMAGES_PER_S[stage.arch] / 3600
             total += hours
             init = {
-                "scratch": config.base.init if config.base.init != "glorot" else "paper",
+                "scratch": config.base.init,
                 "from-A": "net A's 4 convs + 3 FCs",
                 "finetune": "all layers",
             }[stage.init]
@@ -556,8 +557,8 @@ def reproduce(config: ReproduceConfig) -> list[ReportRow]:
     from vgg_ray.train import resolve
 
     stages = plan(config.validate().nets, config.stages)
-    base = resolve(replace(config.base, run_name="chain")).validate()
-    config = replace(config, base=replace(base, run_name=""))
+    base = resolve(config.base).validate()  # every stage names its own run
+    config = replace(config, base=base)
     if config.dry_run:
         manifest = load_manifest(base.data.manifest, s3_endpoint=base.data.s3_endpoint)
         print(describe(config, stages, manifest.rows("train")))
@@ -576,7 +577,6 @@ def reproduce(config: ReproduceConfig) -> list[ReportRow]:
             flush=True,
         )
         failed = _schedule(config, chain, stages, tracking_uri, concurrency)
-        chain.refresh(name)
         rows = report_rows(chain, stages)
         _log_report(chain, rows)
         print(report_markdown(rows), flush=True)
@@ -599,6 +599,7 @@ def _schedule(config: ReproduceConfig, chain: Chain, stages: Sequence[Stage], tr
     name, failed = config.chain_name, {}
     todo = [s for s in stages if not chain.finished(s.name)]
     running: dict = {}  # Ray object ref -> stage
+    run_remotely = ray.remote(num_cpus=0)(_run_stage)  # drives its own TorchTrainer
     while todo or running:
         for stage in list(todo):
             if blocker := next((p for p in stage.parents if p in failed), None):
@@ -611,8 +612,7 @@ def _schedule(config: ReproduceConfig, chain: Chain, stages: Sequence[Stage], tr
                     error = _run_stage(config, stage, tracking_uri)
                     _finish_stage(config, chain, stages, stage, error, failed)
                 else:
-                    task = ray.remote(num_cpus=0)(_run_stage)
-                    running[task.remote(config, stage, tracking_uri)] = stage
+                    running[run_remotely.remote(config, stage, tracking_uri)] = stage
         if running:
             done, _ = ray.wait(list(running), num_returns=1)
             stage = running.pop(done[0])

@@ -50,6 +50,19 @@ def check_reachable(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"cannot reach MLflow at {tracking_uri}: {reason}") from None
 
 
+def open_client(tracking_uri: str):
+    """An MlflowClient on `tracking_uri` (its registry too), the folder of a local sqlite
+    database made, a server checked to answer within seconds."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(tracking_uri)
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
 def experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created if missing. On a local sqlite:/// store its
     artifacts go beside the database (<folder>/mlartifacts), not into ./mlruns of whatever

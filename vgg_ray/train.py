@@ -38,6 +38,7 @@ from vgg_ray.tracking import (
     check_reachable,
     experiment_id,
     log_net,
+    open_client,
 )
 
 log = logging.getLogger("vgg_ray.train")
@@ -76,6 +77,9 @@ def _grouped(batches: Iterator, size: int) -> Iterator[list]:
         yield group
 
 
+HEAD = "classifier.6."  # FC3: the class scores
+
+
 def _initial_weights(model: VGG, config: TrainConfig) -> list[str]:
     """Apply `config.init` when it names trained weights; returns the layers it set."""
     if config.init in INITS:
@@ -88,31 +92,32 @@ def _initial_weights(model: VGG, config: TrainConfig) -> list[str]:
         ) from error
     if trained is not None and _conv_layers(trained) < _conv_layers(model):
         return init_from_shallow(model, trained)  # Sect. 3.1: deep nets start from a trained A
-    weights = dict(state["model"])
+    loaded = dict(state["model"])
     head = model.classifier[-1].weight
-    if weights.get(HEAD_WEIGHT, head).shape[0] != head.shape[0]:
+    if loaded.get(HEAD + "weight", head).shape[0] != head.shape[0]:
         # Fine-tuning on another class count (ImageNet's 1000 to one's own 10): every layer but
         # the last, which keeps its random init.
-        weights = {k: v for k, v in weights.items() if not k.startswith(HEAD)}
-        weights.update({k: v for k, v in model.state_dict().items() if k.startswith(HEAD)})
+        loaded = {k: v for k, v in loaded.items() if not k.startswith(HEAD)}
+    own_head = {k: v for k, v in model.state_dict().items() if k.startswith(HEAD)}
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict({**own_head, **loaded}, strict=True)
     except RuntimeError as error:
         raise ConfigError(
             f"init {config.init}: weights do not fit net {config.arch} "
             f"(width {config.width}, {model.num_classes} classes): {str(error).splitlines()[0]}"
         ) from error
-    return [k for k in weights if not k.startswith(HEAD) or k in state["model"]]
+    return list(loaded)
 
 
-HEAD = "classifier.6."  # FC3: the class scores
-HEAD_WEIGHT = HEAD + "weight"
+_FITTING_INITS: set[tuple] = set()  # (init, net) pairs `check_init` has passed in this process
 
 
 def check_init(config: TrainConfig, classes: int) -> None:
     """On the driver, before any worker starts: `config.init`'s weights load and fit the net
-    (width, class count, layout). The net is built on the meta device: shapes, no memory."""
-    if config.init in INITS:
+    (width, class count, layout). The net is built on the meta device: shapes, no memory. A
+    pair already checked (the CLI's net A lookup, then `train`) is not loaded again."""
+    key = (config.init, config.arch, config.width, config.batch_norm, classes)
+    if config.init in INITS or key in _FITTING_INITS:
         return
     with torch.device("meta"):
         model = build_vgg(config.arch, classes, config.width, "glorot", config.dropout,
@@ -120,6 +125,7 @@ def check_init(config: TrainConfig, classes: int) -> None:
     with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": as meant
         warnings.simplefilter("ignore", UserWarning)
         _initial_weights(model, config)
+    _FITTING_INITS.add(key)
 
 
 NET_A = "models:/vgg-A@champion"  # where a deep net of the paper profile looks for its net A
@@ -135,7 +141,7 @@ def registered_net_a(config: TrainConfig) -> str | None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return None
     try:
-        check_reachable(uri, timeout_s=2)
+        check_reachable(uri, timeout_s=2)  # shorter than open_client's: this is only a look
         MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("vgg-A", "champion")
     except Exception:  # no such model or alias, no server: the caller's default stands
         return None
@@ -447,15 +453,9 @@ def _run_exists(filesystem, path: str, run_name: str) -> bool:
 def _mlflow_run(config: TrainConfig, *, resume: bool, tags: dict[str, str]) -> str:
     """The run's id: the one tagged with this run name when resuming, else a new run."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    if config.tracking_uri.startswith("sqlite:///"):
-        Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
-            parents=True, exist_ok=True
-        )
-    check_reachable(config.tracking_uri)
+    client = open_client(config.tracking_uri)
     mlflow.set_tracking_uri(config.tracking_uri)
-    client = MlflowClient(config.tracking_uri)
     try:
         experiment = experiment_id(client, config.experiment)
     except Exception as error:
