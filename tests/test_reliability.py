@@ -28,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.cli import main
@@ -93,7 +95,7 @@ def when(condition: Callable[[], bool], action: Callable[[], None], *,
 
 def checkpoint_exists(config: TrainConfig, epoch: int, step: int) -> Callable[[], bool]:
     path = Path(config.storage_path) / config.run_name / f"epoch-{epoch:04d}-step-{step:08d}"
-    return lambda: (path / ckpt.STATE_FILE).exists()
+    return lambda: (path / ckpt.DIGEST_FILE).exists()  # written last: the checkpoint is whole
 
 
 def train_workers() -> list[int]:
@@ -339,8 +341,32 @@ def test_bad_records_and_labels_are_marked_for_skipping(manifest, tmp_path):
 # ------------------------------------------------------------------------------ tracking
 
 
+def test_a_damaged_or_incomplete_checkpoint_is_refused_naming_its_file(tmp_path):
+    from vgg_ray.models import build_vgg
+
+    model = build_vgg("A", num_classes=3, width=1 / 16)
+    state = {"arch": "A", "width": 1 / 16, "classes": ["a", "b", "c"], "config": {},
+             "model": model.state_dict()}  # fmt: skip
+    ckpt.save_state(tmp_path, state)
+    path = tmp_path / ckpt.STATE_FILE
+    assert ckpt.load_trained(str(tmp_path))[1]["arch"] == "A"  # intact: loads
+    # 64 random bytes into the tensor data, the size unchanged: torch.load alone accepts this
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2
+    data[offset : offset + 64] = np.random.default_rng(0).bytes(64)
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # (what went unnoticed before digests)
+    for source in (tmp_path, path):  # the folder, or its state.pt named directly
+        with pytest.raises(ConfigError, match=f"checkpoint {path} is damaged"):
+            ckpt.load_trained(str(source))
+    (tmp_path / ckpt.DIGEST_FILE).unlink()  # a save that never finished
+    with pytest.raises(ConfigError, match="is incomplete: it has no state.sha256"):
+        ckpt.load_state(tmp_path)
+
+
 def test_tracker_reports_what_it_could_not_send(tmp_path):
-    """No server at all: nothing raises, and the count of lost values is exact."""
+    """No server at all: nothing raises, and every value waits to be sent (a checkpoint
+    carries them: `unsent`)."""
     from vgg_ray.tracking import Tracker
 
     with socket.socket() as s:
@@ -352,7 +378,7 @@ def test_tracker_reports_what_it_could_not_send(tmp_path):
         tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step=step)
     # One send is tried, then backed off: 20 steps do not each wait for MLflow's retries.
     assert time.monotonic() - started < 30
-    assert tracker.lost() == 40
+    assert tracker.flush() == 40 and len(tracker.unsent()) == 40
 
 
 # ------------------------------------------------------------------------------ training

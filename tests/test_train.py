@@ -90,7 +90,7 @@ def test_one_and_two_workers_take_the_same_global_steps(ray_cluster, manifest, t
     assert results[1][1]["train_loss"] == pytest.approx(results[2][1]["train_loss"], rel=0.25)
 
 
-def test_resume_continues_at_the_right_epoch_and_step(ray_cluster, manifest, tmp_path):
+def test_resume_continues_at_the_right_epoch_and_step(ray_cluster, manifest, tmp_path, capfd):
     from vgg_ray.errors import ConfigError
     from vgg_ray.train import train
 
@@ -103,3 +103,28 @@ def test_resume_continues_at_the_right_epoch_and_step(ray_cluster, manifest, tmp
     assert [h["epoch"] for h in state["loop"]["history"]] == [0, 1]
     assert state["loop"]["step"] == 12
     assert second.mlflow_run_id == first.mlflow_run_id
+
+    # A damaged latest checkpoint: --resume continues from the newest one that verifies,
+    # naming the one it skipped, and the finished run ends FINISHED again.
+    from mlflow.tracking import MlflowClient
+
+    kept = sorted(Path(second.checkpoint_path).glob("epoch-*"))
+    latest = kept[-1] / ckpt.STATE_FILE
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    latest.write_bytes(bytes(data))
+    third = train(replace(config, epochs=2), resume=True)
+    printed = capfd.readouterr()
+    assert f"skipping checkpoint {kept[-1].name}" in printed.out + printed.err
+    state = ckpt.load_state(sorted(Path(third.checkpoint_path).glob("epoch-*"))[-1])
+    assert [h["epoch"] for h in state["loop"]["history"]] == [0, 1]
+    assert state["loop"]["step"] == 12
+    client = MlflowClient(config.tracking_uri)
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+
+    # Nothing intact left: one line naming the file, and the finished run stays FINISHED.
+    for folder in Path(third.checkpoint_path).glob("epoch-*"):
+        (folder / ckpt.STATE_FILE).write_bytes(b"\0" * 100)
+    with pytest.raises(ConfigError, match="damaged.*no earlier checkpoint of the run verifies"):
+        train(replace(config, epochs=2, max_failures=0), resume=True)
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"

@@ -1,4 +1,5 @@
-"""Training checkpoints: one `state.pt` per checkpoint directory, loaded with weights_only=True.
+"""Training checkpoints: one `state.pt` per checkpoint directory, loaded with weights_only=True
+and verified against the sha256 digest written beside it.
 
 A checkpoint holds everything a resume needs to continue exactly (model, optimizer, scheduler,
 epoch, step, batch within the epoch, RNG state, the metrics history) and what later jobs need to
@@ -7,6 +8,8 @@ use the net without its run (arch, width, classes, the data statistics it was tr
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,14 +19,18 @@ import torch
 from vgg_ray.errors import ConfigError
 from vgg_ray.models import VGG, build_vgg
 
+log = logging.getLogger("vgg_ray.checkpoint")
 STATE_FILE = "state.pt"
+# The checkpoint's proof of itself, in `sha256sum` format (`sha256sum -c state.sha256` checks it
+# by hand). Written after state.pt: a folder without it is a checkpoint whose save did not end.
+DIGEST_FILE = "state.sha256"
 # What a net's state keeps of a training checkpoint when it travels with a logged or registered
 # model: the weights and what the test protocol needs (crop, scales, normalisation, mean RGB,
 # classes). The optimizer's momentum would double the upload (VGG-E: 550 MB of weights).
 NET_STATE_KEYS = ("arch", "width", "classes", "config", "data_stats", "model")
-# Where a logged MLflow model keeps that state (`log_model(extra_files=...)`), so loading the
-# model never needs to unpickle it.
-LOGGED_STATE = f"extra_files/{STATE_FILE}"
+# Where a logged MLflow model keeps that state and its digest (`log_model(extra_files=...)`), so
+# loading the model never needs to unpickle it.
+LOGGED_STATE = "extra_files"
 
 
 def net_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -32,24 +39,86 @@ def net_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` into `directory` through a temporary file, so a crash mid-write never leaves
-    a truncated state.pt behind."""
+    """Write `state` into `directory`, then its digest. Both go through a temporary file and a
+    rename, so a crash mid-write leaves no truncated file, only a checkpoint without digest."""
     path = Path(directory) / STATE_FILE
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     partial.replace(path)
+    digest = Path(directory) / DIGEST_FILE
+    partial = digest.with_name(f"{DIGEST_FILE}.partial")
+    partial.write_text(f"{_sha256(path)}  {STATE_FILE}\n")
+    partial.replace(digest)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(directory: str | Path) -> Path:
+    """The state.pt of checkpoint folder `directory`, once its bytes match the recorded digest;
+    ConfigError naming the file otherwise (missing, incomplete, damaged)."""
+    folder = Path(directory)
+    path, digest = folder / STATE_FILE, folder / DIGEST_FILE
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {directory} (expected {STATE_FILE})")
+    if not digest.is_file():
+        raise ConfigError(f"checkpoint {folder} is incomplete: it has no {DIGEST_FILE} (its "
+                          "save did not finish, or another tool wrote it)")  # fmt: skip
+    recorded = (digest.read_text().split() or [""])[0]
+    if _sha256(path) != recorded:
+        raise ConfigError(f"checkpoint {path} is damaged: its sha256 differs from {DIGEST_FILE}")
     return path
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's state: a vgg-ray checkpoint folder (or its state.pt), verified against its
+    digest first, or any other torch file (a torchvision state_dict), which carries none."""
     path = Path(directory)
-    path = path / STATE_FILE if path.is_dir() else path
-    if not path.is_file():
+    if path.is_dir() or path.name == STATE_FILE:
+        path = verify(path if path.is_dir() else path.parent)
+    elif not path.is_file():
         raise ConfigError(f"no checkpoint at {directory} (expected {STATE_FILE})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a corrupt or foreign file is the user's to fix, not a bug
         raise ConfigError(f"cannot load checkpoint {path}: {error}".splitlines()[0]) from error
+
+
+def load_newest_intact(checkpoint: Any) -> dict[str, Any]:
+    """The state of `checkpoint` (a ray.train.Checkpoint) or, where it does not verify, of the
+    newest earlier checkpoint of the same run that does: a damaged latest checkpoint costs the
+    steps since the one before it, not the run. Each one skipped is named in the log."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    try:
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+    except ConfigError as error:
+        problem = error
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    entries = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    # Names are epoch-EEEE-step-SSSSSSSS[-suffix]: sorted by name is sorted by progress.
+    earlier = sorted((e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
+                      and e.base_name.startswith("epoch-") and e.base_name < name),
+                     reverse=True)  # fmt: skip
+    for candidate in earlier:
+        log.warning("skipping checkpoint %s: %s", name, problem)
+        try:
+            with Checkpoint(f"{parent}/{candidate}", checkpoint.filesystem).as_directory() as d:
+                state = load_state(d)
+        except ConfigError as error:
+            name, problem = candidate, error
+            continue
+        log.warning("continuing from the earlier checkpoint %s", candidate)
+        return state
+    raise ConfigError(f"{problem}; no earlier checkpoint of the run verifies")
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,18 +145,20 @@ def model_from_state(state: dict[str, Any]) -> VGG:
 
 def load_logged_state(uri: str) -> dict[str, Any]:
     """The weights-only state a vgg-ray model logged to MLflow carries (`runs:/<id>/model` or
-    `models:/name/version|@alias`), loaded with weights_only=True: a model is never unpickled."""
+    `models:/name/version|@alias`), verified and loaded with weights_only=True: a model is never
+    unpickled."""
     import mlflow.artifacts
 
+    missing = (f"cannot load {uri} from MLflow: no {LOGGED_STATE}/{STATE_FILE} in it (not a "
+               "vgg-ray model, or unreachable)")  # fmt: skip
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{uri.rstrip('/')}/{LOGGED_STATE}"
         )
     except Exception as error:
-        raise ConfigError(
-            f"cannot load {uri} from MLflow: no {LOGGED_STATE} in it (not a vgg-ray model, or "
-            f"unreachable): {str(error).splitlines()[0][:200]}"
-        ) from error
+        raise ConfigError(f"{missing}: {str(error).splitlines()[0][:200]}") from error
+    if not (Path(local) / STATE_FILE).is_file():
+        raise ConfigError(missing)
     return load_state(local)
 
 

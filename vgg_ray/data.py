@@ -110,6 +110,8 @@ class StreamConfig:
             (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
             (self.prefetch_batches >= 0, "prefetch_batches must be >= 0"),
             (self.read_cpus > 0, f"read_cpus must be > 0, got {self.read_cpus}"),
+            # Every VGG net halves its input five times (2x2 max-pools): 32 px leave 1 pixel.
+            (self.crop >= 32, f"crop must be >= 32 px (five 2x2 max-pools), got {self.crop}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -243,6 +245,50 @@ def verify_shards(manifest: Manifest) -> list[str]:
             elif shard.sha256 and sha256 != shard.sha256:
                 problems.append(f"{shard.path}: sha256 does not match the manifest")
     return problems
+
+
+def check_shards(manifest: Manifest, *, threads: int = 16) -> None:
+    """The driver's pre-flight of a data set, in seconds: every shard the manifest lists exists,
+    has the manifest's size and a readable Parquet footer whose rows and row groups agree with
+    the manifest. One listing of the data folder and one footer read per shard (in parallel),
+    no image data; `verify_shards` is the full check. ConfigError naming the first problems."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    filesystem, _ = open_storage(manifest.uri, s3_endpoint=manifest.s3_endpoint)
+    with storage_errors(manifest.base, manifest.s3_endpoint):
+        listing = filesystem.get_file_info(pafs.FileSelector(manifest.base, recursive=True))
+    sizes = {posixpath.relpath(info.path, manifest.base): info.size for info in listing
+             if info.type == pafs.FileType.File}  # fmt: skip
+    shards = [shard for split in manifest.splits.values() for shard in split]
+
+    def problem(shard: Shard) -> str | None:
+        size = sizes.get(posixpath.normpath(shard.path))
+        if size is None:
+            return f"{shard.path} is missing"
+        if shard.bytes and size != shard.bytes:
+            return f"{shard.path} is {size} bytes, the manifest says {shard.bytes}"
+        path = f"{manifest.base}/{posixpath.normpath(shard.path)}"
+        try:
+            footer = retry_transient(lambda: pq.read_metadata(path, filesystem=filesystem),
+                                     what=f"reading shard {shard.path}")  # fmt: skip
+        except StorageUnreachable:
+            raise
+        except (ConfigError, OSError, ValueError, pa.ArrowException):
+            return f"{shard.path} is not a readable Parquet file"
+        groups = tuple(footer.row_group(i).num_rows for i in range(footer.num_row_groups))
+        if groups != shard.row_groups:
+            return f"{shard.path} holds row groups of {groups} rows, the manifest says " \
+                   f"{shard.row_groups}"  # fmt: skip
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        problems = [p for p in pool.map(problem, shards) if p]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ConfigError(
+            f"data set {manifest.uri}: {'; '.join(problems[:3])}{more}; run `vgg-ray prepare` "
+            "again (`vgg-ray verify` checks every byte)"
+        )
 
 
 def _check_shard_path(path: str) -> None:

@@ -2,8 +2,9 @@
 
 Rank 0 holds a `Tracker`; every other rank a `NullTracker`, so the loop has no `if rank == 0`.
 Metrics are queued and sent in batches; while the tracking server is unreachable they stay queued
-(training goes on and says so once), and reach the run when the server is back. What still cannot
-be sent at the end is reported as lost, with a count.
+(training goes on and says so once), and reach the run when the server is back. What is still
+queued when a checkpoint is written travels in it (`unsent`): a restarted worker sends it again,
+and after the last checkpoint the driver delivers it (`deliver`) before the run is FINISHED.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def log_net(state: dict[str, Any]) -> None:
     PyTorch model with signature and input example, for MLflow's own tools, that carries the
     weights-only state vgg-ray loads it from (`checkpoint.load_logged_state`), never the pickle."""
     import tempfile
+    from pathlib import Path
 
     import mlflow.pytorch
     import torch
@@ -108,7 +110,8 @@ def log_net(state: dict[str, Any]) -> None:
             input_example=torch.zeros(1, 3, crop, crop).numpy(),
             serialization_format="pickle",
             pip_requirements=model_requirements(),
-            extra_files=[str(ckpt.save_state(directory, state))],
+            extra_files=[str(ckpt.save_state(directory, state)),
+                         str(Path(directory) / ckpt.DIGEST_FILE)],  # fmt: skip
             metadata={"classes": list(state["classes"]), "arch": state["arch"]},
         )
 
@@ -117,6 +120,7 @@ class NullTracker:
     """What non-zero ranks hold: every call does nothing."""
 
     run_id: str | None = None
+    dropped = 0
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -130,8 +134,21 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def lost(self) -> int:
-        return 0
+    def unsent(self) -> list[tuple[str, float, int, int]]:
+        return []
+
+    def requeue(self, values: list[tuple[str, float, int, int]]) -> None:
+        pass
+
+
+def deliver(client, run_id: str, values: list[tuple[str, float, int, int]]) -> None:
+    """Send metric values a worker could not (`Tracker.unsent`), in order, with MLflow's own
+    patient retries (minutes): what is called at the end of a run, when waiting is right."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in values]
+    for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+        client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
 
 
 class Tracker(NullTracker):
@@ -209,6 +226,13 @@ class Tracker(NullTracker):
         for key, value in tags.items():
             self._guarded("tag", self.client.set_tag, self.run_id, key, str(value))
 
-    def lost(self) -> int:
-        """Metric values that never reached the run: dropped from a full buffer or still queued."""
-        return self.dropped + self.flush()
+    def unsent(self) -> list[tuple[str, float, int, int]]:
+        """What is queued, as plain values a weights-only checkpoint can carry."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self.pending]
+
+    def requeue(self, values: list[tuple[str, float, int, int]]) -> None:
+        """Queue again what a checkpoint carried unsent (sent at least once: a value may arrive
+        twice, never not at all)."""
+        from mlflow.entities import Metric
+
+        self.pending = [Metric(*value) for value in values] + self.pending

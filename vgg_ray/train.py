@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.config import TrainConfig, default_home, init_note
-from vgg_ray.data import SplitStream, load_manifest
+from vgg_ray.data import SplitStream, check_shards, load_manifest
 from vgg_ray.errors import ConfigError
 from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
 from vgg_ray.parallel import parallelize, unwrap
@@ -211,10 +211,14 @@ class Worker:
                                      "best": math.inf}  # fmt: skip
         # The run's own latest checkpoint first (a worker failure, a resumed run); else the
         # checkpoint the run is told to start from (a Tune trial continuing a donor's or its own).
-        restored = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
+        own = ray.train.get_checkpoint()
+        restored = own or loop_config.get("start_checkpoint")
+        unsent: list = []
         if restored:
-            with restored.as_directory() as directory:
-                self._load(model, ckpt.load_state(directory))
+            state = ckpt.load_newest_intact(restored)
+            self._load(model, state)
+            if own:  # its unsent metrics are this run's (a donor's belong to the donor's run)
+                unsent = state.get("unsent_metrics", [])
         else:
             if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
                 import mlflow
@@ -226,6 +230,7 @@ class Worker:
                                  compile=config.compile)  # fmt: skip
         self.tracker = (Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
                         if self.rank == 0 else NullTracker())  # fmt: skip
+        self.tracker.requeue(unsent)
 
     def train(self) -> None:
         """Epochs from where the loop state says, each: train -> validate -> log -> checkpoint."""
@@ -251,9 +256,10 @@ class Worker:
                     metrics["images_per_s"], 100 * metrics["data_wait_share"],
                 )  # fmt: skip
             self.report(metrics, is_epoch_end=True)
-        lost = self.tracker.lost()
-        if lost:
-            log.warning("%d metric values could not be sent to MLflow", lost)
+        # Nothing is sent after the last checkpoint: what it carries unsent, the driver delivers.
+        if unsent := len(self.tracker.unsent()):
+            log.warning("%d metric values could not be sent to MLflow yet; the driver will "
+                        "deliver them", unsent)  # fmt: skip
 
     def train_epoch(self, epoch: int) -> list[float] | None:
         """One pass over this worker's share of the epoch. Returns the sums over all ranks:
@@ -386,6 +392,8 @@ class Worker:
             "config": config.to_dict(), "data_stats": dataclasses.asdict(self.manifest.stats),
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(), "rng": ckpt.rng_state(), "loop": self.loop,
+            # metric values rank 0 could not send yet, and those a full queue dropped (counted)
+            "unsent_metrics": self.tracker.unsent(), "dropped_metrics": self.tracker.dropped,
         }  # fmt: skip
 
     def _load(self, model: VGG, state: dict[str, Any]) -> None:
@@ -438,7 +446,11 @@ def _storage(config: TrainConfig):
 
         return open_storage(config.storage_path, s3_endpoint=config.data.s3_endpoint)
     path = Path(config.storage_path).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, a read-only disk
+        raise ConfigError(f"storage path {config.storage_path} is not a usable folder: "
+                          f"{error.strerror or error}") from None  # fmt: skip
     return None, str(path)
 
 
@@ -556,21 +568,17 @@ def build_trainer(
     )
 
 
-def train(
-    config: TrainConfig, *, resume: bool = False, tags: dict[str, str] | None = None
-) -> TrainSummary:
-    """Train one net end to end; the function every train job and `vgg-ray train` call.
-    `tags` go on a new MLflow run besides the usual ones (the chain's stage and lineage)."""
-    import mlflow
-
-    from vgg_ray import runtime
-
+def preflight(config: TrainConfig, *, resume: bool = False) -> tuple[TrainConfig, Any]:
+    """Everything about a run that can be checked on the driver, in seconds, before any MLflow
+    run, run folder or worker exists: the config (values and their combination), the storage
+    path, the tracking store answering, the manifest and every shard it lists (size, footer),
+    and the init's weights fitting the net. Returns the resolved config and the manifest."""
     config = resolve(config).validate()
+    check_reachable(config.tracking_uri)
     manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
+    check_shards(manifest)
     if not resume:
         check_init(config, len(manifest.classes))
-    if note := init_note(config):
-        print(f"vgg-ray: {note}", flush=True)
     filesystem, storage_path = _storage(config)
     exists = _run_exists(filesystem, storage_path, config.run_name)
     if exists and not resume:
@@ -580,9 +588,26 @@ def train(
         )
     if resume and not exists:
         raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
+    return config, manifest
 
-    # MLflow before Ray: an unreachable tracking server fails in seconds, before a cluster starts
+
+def train(
+    config: TrainConfig, *, resume: bool = False, tags: dict[str, str] | None = None
+) -> TrainSummary:
+    """Train one net end to end; the function every train job and `vgg-ray train` call.
+    `tags` go on a new MLflow run besides the usual ones (the chain's stage and lineage)."""
+    import mlflow
+
+    from vgg_ray import runtime
+
+    config, manifest = preflight(config, resume=resume)
+    if note := init_note(config):
+        print(f"vgg-ray: {note}", flush=True)
     run_id = _mlflow_run(config, resume=resume, tags=tags or {})
+    client = mlflow.tracking.MlflowClient(config.tracking_uri)
+    # A run that finished once and is continued keeps FINISHED if the continuation fails (a
+    # damaged checkpoint must not rewrite the record of a completed run).
+    finished_before = resume and client.get_run(run_id).info.status == "FINISHED"
     runtime.connect()
     gpus = gpus_per_worker(config)
     print(
@@ -591,13 +616,13 @@ def train(
         flush=True,
     )
     trainer = build_trainer(config, run_id)
-    client = mlflow.tracking.MlflowClient(config.tracking_uri)
     try:
         result = trainer.fit()
     except BaseException as error:
-        client.set_terminated(
-            run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        )
+        if not finished_before:
+            client.set_terminated(
+                run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            )
         if cause := _user_error(error):  # a bad shard, storage down past its limit, ...
             raise ConfigError(
                 f"{cause}; run {config.run_name!r} stopped at its latest checkpoint: once "
@@ -655,19 +680,60 @@ def _mlflow_ui(tracking_uri: str, run_id: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+def _best_intact(best_checkpoints: list) -> tuple[Any, dict[str, float], dict[str, Any]]:
+    """(checkpoint, its metrics, its state) of the best-ranked checkpoint that verifies; one
+    that does not is named and passed over."""
+    # (runs begun before the rank was reported: by top-5 error alone)
+    ranked = sorted(best_checkpoints, key=lambda entry: entry[1].get(RANK, entry[1][SCORE]))
+    problems = []
+    for checkpoint, metrics in ranked:
+        try:
+            with checkpoint.as_directory() as directory:
+                return checkpoint, metrics, ckpt.load_state(directory)
+        except ConfigError as error:
+            print(f"vgg-ray: passing over a kept checkpoint: {error}", flush=True)
+            problems.append(str(error))
+    raise ConfigError(f"no kept checkpoint of the run verifies: {'; '.join(problems)}")
+
+
+def _deliver_unsent(config: TrainConfig, run_id: str, state: dict[str, Any], where) -> None:
+    """Send the metric values the last checkpoint carries unsent (the tracking server was away
+    as training ended), waiting for the server as MLflow's client does. Undeliverable, the run
+    is not marked FINISHED: one line says where the values wait and how to send them."""
+    unsent, dropped = state.get("unsent_metrics") or [], state.get("dropped_metrics", 0)
+    if not unsent and not dropped:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from vgg_ray.tracking import deliver
+
+    client = MlflowClient(config.tracking_uri)  # no fail-fast check: here waiting is right
+    try:
+        deliver(client, run_id, unsent)
+        if dropped:  # a full queue through a very long outage: the run says how many it lacks
+            client.set_tag(run_id, "vgg_ray.dropped_metrics", str(dropped))
+    except Exception as error:
+        raise ConfigError(
+            f"{len(unsent)} metric values of run {config.run_name!r} could not be delivered to "
+            f"MLflow at {config.tracking_uri} ({str(error).splitlines()[0][:120]}); they are "
+            f"kept in checkpoint {_checkpoint_uri(config, where)}, and the MLflow run is not "
+            f"marked FINISHED: once MLflow is back, --resume --run-name {config.run_name} "
+            "delivers them"
+        ) from error
+    print(f"vgg-ray: delivered {len(unsent)} metric values the workers could not send",
+          flush=True)  # fmt: skip
+
+
 def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
     """Driver-side logging once training is done: best checkpoint, model, curves."""
     import mlflow
 
     from vgg_ray.plots import plot_history
 
-    # (runs begun before the rank was reported: by top-5 error alone)
-    ranked = [(c, m.get(RANK, m[SCORE]), m) for c, m in result.best_checkpoints]
-    best_checkpoint, _, best_metrics = min(ranked, key=lambda entry: entry[1])
-    with result.checkpoint.as_directory() as directory:
-        history = ckpt.load_state(directory)["loop"]["history"]
-    with best_checkpoint.as_directory() as directory:
-        best_state = ckpt.load_state(directory)
+    latest = ckpt.load_newest_intact(result.checkpoint)
+    history = latest["loop"]["history"]
+    _deliver_unsent(config, run_id, latest, result.checkpoint)
+    best_checkpoint, best_metrics, best_state = _best_intact(result.best_checkpoints)
     best_uri = _checkpoint_uri(config, best_checkpoint)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         mlflow.set_tag("best_checkpoint", best_uri)
