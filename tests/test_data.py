@@ -3,7 +3,6 @@ evaluation complete, bad records skipped and counted, S3 like local disk, clear 
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +89,10 @@ def shards(tmp_path_factory) -> Path:
 def ray_cluster():
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from vgg_ray import runtime
+
     # 4 logical CPUs on 2 cores (DESIGN.md): otherwise Ray Data's tasks can starve.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    runtime.start_local(num_cpus=4, dashboard=False)
     yield
     ray.shutdown()
 

@@ -224,9 +224,10 @@ def ray_cluster(s3):
     starts, so its workers inherit them."""
     import ray
 
+    from vgg_ray import runtime
+
     os.environ["VGG_RAY_S3_OUTAGE_LIMIT_S"] = str(OUTAGE_LIMIT_S)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    runtime.start_local(num_cpus=4)
     yield
     ray.shutdown()
     os.environ.pop("VGG_RAY_S3_OUTAGE_LIMIT_S", None)
@@ -531,33 +532,49 @@ def test_s3_outage_is_waited_out_or_fails_clearly_and_resumes(ray_cluster, s3, t
 
 @pytest.mark.slow
 def test_mlflow_outage_metrics_arrive_when_it_is_back(ray_cluster, manifest, tmp_path):
+    """Two outages of the tracking server (a relay in front of it plays dead): one mid-run,
+    after which the worker sends its queue, and one spanning the end of training, where the
+    last checkpoint carries what is unsent and the driver delivers it before FINISHED."""
     from mlflow.tracking import MlflowClient
 
     from vgg_ray.train import train
 
     server = MlflowServer(tmp_path)
     server.start()
-    outage: list[float] = []
+    relay = Proxy(server.port)
+    outages: list[tuple[float, float]] = []
 
-    def restart() -> None:
-        outage.append(time.time())
-        server.stop()
+    def wait_for(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 300
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def outage(start: Callable[[], bool], end: Callable[[], bool]) -> None:
+        wait_for(start)
+        began = time.time()
+        relay.go_down()
+        wait_for(end)
         time.sleep(3)
-        server.start()
-        outage.append(time.time())
+        relay.come_back()
+        outages.append((began, time.time()))
 
     try:
-        config = tiny(manifest, tmp_path, tracking_uri=server.uri, epochs=3,
+        config = tiny(manifest, tmp_path, tracking_uri=relay.endpoint, epochs=3,
                       checkpoint_every_steps=4)  # fmt: skip
-        watcher = when(checkpoint_exists(config, 0, 4), restart)
+        mid_run = (checkpoint_exists(config, 0, 4), lambda: True)
+        # from step 28 of 36 until the last checkpoint is whole: training ends while it is down
+        at_the_end = (checkpoint_exists(config, 2, 28), checkpoint_exists(config, 3, 36))
+        watcher = threading.Thread(target=lambda: [outage(*o) for o in (mid_run, at_the_end)],
+                                   daemon=True)  # fmt: skip
+        watcher.start()
         summary = train(config)
-        watcher.join(120)
-        assert len(outage) == 2
+        watcher.join(60)
+        assert len(outages) == 2 and relay.turned_away > 0
         client = MlflowClient(server.uri)
         steps = client.get_metric_history(summary.mlflow_run_id, "train_loss_step")
         assert {m.step for m in steps} == set(range(1, 37))  # every step, none lost
-        during = [m for m in steps if outage[0] * 1000 < m.timestamp < outage[1] * 1000]
-        assert during  # logged while the server was down, and they reached the run
+        for began, ended in outages:  # logged while the server was away, and they reached it
+            assert [m for m in steps if began * 1000 < m.timestamp < ended * 1000]
         epochs = client.get_metric_history(summary.mlflow_run_id, "train_loss")
         assert sorted(m.step for m in epochs) == [0, 1, 2]
         assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"

@@ -3,8 +3,10 @@ and a manifest cannot make readers open files outside its folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,10 +33,16 @@ def test_checkpoints_load_weights_only(tmp_path):
     hostile = tmp_path / "hostile"
     hostile.mkdir()
     torch.save({"arch": "A", "model": _Payload(marker)}, hostile / ckpt.STATE_FILE)
+    # with a digest that matches (an attacker can write one): the weights-only load refuses it
+    sha = hashlib.sha256((hostile / ckpt.STATE_FILE).read_bytes()).hexdigest()
+    (hostile / ckpt.DIGEST_FILE).write_text(f"{sha}  {ckpt.STATE_FILE}\n")
+    shutil.copy(hostile / ckpt.STATE_FILE, tmp_path / "hostile.pt")  # a foreign file: no digest
     with pytest.raises(ConfigError, match="cannot load checkpoint"):
         ckpt.load_state(hostile)
     with pytest.raises(ConfigError, match="cannot load checkpoint"):
         ckpt.load_trained(str(hostile / ckpt.STATE_FILE))  # the --init path
+    with pytest.raises(ConfigError, match="cannot load checkpoint"):
+        ckpt.load_trained(str(tmp_path / "hostile.pt"))
     assert not marker.exists()
     # A real checkpoint's contents (tensors, numbers, strings, lists, dicts) load fine.
     ckpt.save_state(tmp_path, {"model": {"w": torch.ones(2)}, "loop": {"history": [{"a": 1.0}]}})
@@ -64,8 +72,9 @@ def ray_cluster(s3):
     """Started after the S3 fixture exported its fake keys, so the workers hold them too."""
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
+    from vgg_ray import runtime
+
+    runtime.start_local(num_cpus=4)
     yield ray._private.worker._global_node.get_session_dir_path()
     ray.shutdown()
 
@@ -133,3 +142,16 @@ def test_no_credential_in_mlflow_logs_or_checkpoints(ray_cluster, s3, tmp_path, 
     printed = capfd.readouterr()
     leaks += [stream for stream in (printed.out, printed.err) for s in secrets if s in stream]
     assert leaks == []
+
+
+def test_redact_hides_the_user_info_of_every_url():
+    from vgg_ray.errors import redact
+
+    text = ("cannot reach http://user:hunter2@10.0.0.1:9000 nor HTTPS://tok@h/x; "
+            "s3://bucket/key@v, models:/vgg-D@champion and a@b.c stay as they are")  # fmt: skip
+    assert redact(text) == (
+        "cannot reach http://***@10.0.0.1:9000 nor HTTPS://***@h/x; "
+        "s3://bucket/key@v, models:/vgg-D@champion and a@b.c stay as they are"
+    )
+    assert redact("'http://u:p@ss:w@host/a@b'") == "'http://***@host/a@b'"  # an unescaped "@"
+    assert redact("sqlite:///runs/a@b.db") == "sqlite:///runs/a@b.db"  # no authority: nothing
