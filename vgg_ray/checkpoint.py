@@ -87,7 +87,14 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a corrupt or foreign file is the user's to fix, not a bug
-        raise ConfigError(f"cannot load checkpoint {path}: {error}".splitlines()[0]) from error
+        first = (str(error).splitlines() or [""])[0]
+        if "Weights only load failed" in first:
+            why = ("it pickles objects other than tensors and plain values (save the model's "
+                   "state_dict instead)")  # fmt: skip
+        else:
+            why = (f"not a PyTorch checkpoint, or a damaged one (torch.load: "
+                   f"{type(error).__name__}: {first[:120]})")  # fmt: skip
+        raise ConfigError(f"cannot load checkpoint {path}: {why}") from error
 
 
 def load_newest_intact(checkpoint: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vgg_ray.errors import ConfigError
+from vgg_ray.errors import ConfigError, redact
 
 Command = Callable[[argparse.Namespace], int | None]
 EVAL_MODES = ("single", "dense", "multicrop", "dense+multicrop")  # vgg_ray.evaluate.MODES
@@ -18,15 +18,48 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (no usage dump), still with exit status 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
 
 
 def _tracking_option(add: Callable) -> None:
-    add("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or local)")
+    add("--tracking-uri", type=_tracking_uri,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or local)")  # fmt: skip
 
 
 def _s3_option(add: Callable) -> None:
-    add("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL[_S3])")
+    add("--s3-endpoint", type=_s3_endpoint,
+        help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL[_S3])")  # fmt: skip
+
+
+def _has_user_info(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return "@" in urlsplit(url if "://" in url else f"//{url}").netloc
+    except ValueError:  # not a URL at all: the command's own check says what is wrong
+        return False
+
+
+def _s3_endpoint(text: str) -> str:
+    """An S3 endpoint URL without credentials in it (they would show in `ps`, shell history
+    and every message that names the endpoint)."""
+    if _has_user_info(text):
+        raise argparse.ArgumentTypeError(
+            f"{redact(text)}: credentials do not go in the endpoint URL; set AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY in the environment"
+        )
+    return text
+
+
+def _tracking_uri(text: str) -> str:
+    """An MLflow tracking URI; a server's (http, https) without credentials in it. A database
+    URI (postgresql://user:pass@...) may carry them: MLflow has no other place for those."""
+    if text.lower().startswith(("http://", "https://")) and _has_user_info(text):
+        raise argparse.ArgumentTypeError(
+            f"{redact(text)}: credentials do not go in the tracking URI; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment"
+        )
+    return text
 
 
 def _actor_options(add: Callable) -> None:
@@ -34,7 +67,7 @@ def _actor_options(add: Callable) -> None:
     add("--max-images", type=int, help="only the split's first N images")
     add("--actors", type=_at_least_one, help="evaluation actors (default: one per GPU, else "
         "per 2 CPUs)")  # fmt: skip
-    add("--gpus-per-actor", type=float)
+    add("--gpus-per-actor", type=_non_negative_float)
     add("--cpus-per-actor", type=float)
     add("--batch-size", type=int, help="images per batch sent to an actor (default 32)")
 
@@ -47,6 +80,28 @@ def _at_least_one(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (omit it for the default), got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    """A count or seed that must be 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """A resource amount (GPUs, CPUs) that must be 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -214,7 +269,8 @@ def train_config(args: argparse.Namespace):
             raise ConfigError(f"{args.config}: expected a mapping of training options")
         merged = config.to_dict()
         merged.update({k: v for k, v in values.items() if k != "data"})
-        merged["data"].update(values.get("data") or {})
+        data = values.get("data") or {}  # not a mapping: from_dict says so
+        merged["data"] = {**merged["data"], **data} if isinstance(data, dict) else data
         config = TrainConfig.from_dict(merged)
     given = {k: v for k, v in vars(args).items() if v is not None}
     data = replace(config.data, **{k: given[k] for k in _field_names(StreamConfig) & set(given)})
@@ -527,12 +583,13 @@ def add_tune_options(parser: argparse.ArgumentParser) -> None:
         help="PBT: synchronous steps (every trial waits for the population)")  # fmt: skip
     add("--max-failures", dest="trial_max_failures", type=int,
         help="restarts of a failed trial (default 2)")  # fmt: skip
-    add("--seed", type=int, help="seeds the sampling of trials")
+    add("--seed", type=_non_negative, help="seeds the sampling of trials")
     add("--name", help="names the search; an interrupted one continues with --resume")
     add("--resume", action="store_true", help="continue the search named by --name")
     add("--storage-path", help="Tune's experiment and trial checkpoints: folder or s3://...")
-    add("--tracking-uri", help="MLflow server (http://...) or sqlite:/// database (served by a "
-        "local mlflow server for the search); default: MLFLOW_TRACKING_URI or local")  # fmt: skip
+    add("--tracking-uri", type=_tracking_uri, help="MLflow server (http://...) or sqlite:/// "
+        "database (served by a local mlflow server for the search); default: "
+        "MLFLOW_TRACKING_URI or local")  # fmt: skip
     add("--experiment", help="MLflow experiment (default vgg-ray)")
     add("--best-config", help="where to write the best config (YAML for train --config)")
 
@@ -632,8 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shard-size", type=_size, help="target shard size (default 256MB)")
     add("--row-group-rows", type=int, help="rows per Parquet row group (default 256)")
     add("--workers", type=int, help="worker processes (default: CPU count)")
-    add("--seed", type=int, help="shuffle and stats-sample seed (default 0)")
-    add("--stats-sample", type=int, help="images for mean RGB and PCA (default 10000)")
+    add("--seed", type=_non_negative, help="shuffle and stats-sample seed (default 0)")
+    add("--stats-sample", type=_at_least_one, help="images for mean RGB and PCA (default 10000)")
     add("--no-progress", dest="progress", action="store_false", default=None)
     prepare.set_defaults(run=_prepare)
 
@@ -641,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check every shard's size and sha256 against the manifest"
     )
     verify.add_argument("manifest", help="manifest.json or its folder (local or s3://)")
-    verify.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    verify.add_argument("--s3-endpoint", type=_s3_endpoint, help="S3-compatible endpoint URL")
     verify.set_defaults(run=_verify)
 
     demo = commands.add_parser("demo-data", help="write the small generated demo tree")
@@ -649,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--classes", type=int, default=4)
     demo.add_argument("--train-per-class", type=int, default=100)
     demo.add_argument("--val-per-class", type=int, default=25)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_non_negative, default=0)
     demo.add_argument("--oddities", action="store_true", help="add CMYK, PNG, truncated, ...")
     demo.set_defaults(run=_demo_data)
 
@@ -665,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dashboard-port", type=int, help="Ray dashboard and job API (default 8265)")
     add("--client-port", type=int, help="Ray Client server (default 10001)")
     add("--agent-port", type=int, help="Ray dashboard agent (default 52365)")
-    add("--num-cpus", type=int, help="logical CPUs of the Ray head (default: at least 4)")
+    add("--num-cpus", type=_at_least_one, help="logical CPUs of the Ray head (default: at least 4)")
     add("--bucket", help="bucket created on the S3 endpoint (default vgg-ray)")
     add("--no-token-auth", dest="token_auth", action="store_false", default=None,
         help="Ray without token authentication (loopback only anyway)")  # fmt: skip
@@ -709,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="training run id or runs:/<id>; repeatable")  # fmt: skip
     add("--name", help="registered model name (default: vgg-<arch> per run)")
     _tracking_option(add)
-    add("--s3-endpoint", help="S3-compatible endpoint URL, for a manifest on S3")
+    add("--s3-endpoint", type=_s3_endpoint, help="S3-compatible endpoint URL, for a manifest "
+        "on S3")  # fmt: skip
     register.set_defaults(run=_register)
 
     ensemble = commands.add_parser(
@@ -773,8 +831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.run(args) or 0
-    except ConfigError as error:
-        print(f"vgg-ray {args.command}: error: {error}", file=sys.stderr)
+    except ConfigError as error:  # redacted: a URL's password never comes back
+        print(f"vgg-ray {args.command}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vgg-ray {args.command}: interrupted", file=sys.stderr)

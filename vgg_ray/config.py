@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import os
 import re
 import textwrap
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,83 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):  # fmt: skip
             docs[field_node.target.id] = " ".join(str(doc.value.value).split())
     return docs
+
+
+def checked_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`values` (e.g. from a YAML file) for the fields of dataclass `cls`, each checked against
+    its annotation (int, float, str, bool, X | None, tuple[...]): a ConfigError naming the key,
+    `config: data.crop must be an int, got 'big'`. Ints stand for floats (made floats), and so
+    does "1e-3" (PyYAML's string for it); lists stand for tuples; bools are not numbers. Keys
+    that are not fields pass unchecked (the caller reports them); a field of another type (a
+    nested dataclass) is the caller's to check."""
+    hints = field_types(cls)
+    return {
+        key: check_value(hints[key], value, f"{prefix}{key}") if key in hints else value
+        for key, value in values.items()
+    }
+
+
+def check_value(kind: Any, value: Any, key: str) -> Any:
+    """`value` as type `kind` (see `checked_fields`), else a ConfigError naming `key`."""
+    ok, converted = _convert(kind, value)
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(f"config: {key} must be {_describe(kind)}, got {shown}")
+    return converted
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, resolved from its (string) annotations."""
+    return typing.get_type_hints(cls)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: an exponent needs a dot there (1.0e-3).
+_YAML_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _convert(kind: Any, value: Any) -> tuple[bool, Any]:
+    """(whether `value` fits type `kind`, the value as that type)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for arm in args:
+            if arm is not type(None) and (fit := _convert(arm, value))[0]:
+                return fit
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False, value
+        arms = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
+        fits = [_convert(arm, item) for arm, item in zip(arms, value, strict=False)]
+        ok = len(arms) == len(value) and all(fit for fit, _ in fits)
+        return ok, tuple(item for _, item in fits) if ok else value
+    if kind is float:
+        if isinstance(value, str) and _YAML_EXPONENT.fullmatch(value):
+            return True, float(value)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind in (str, bool):
+        return isinstance(value, kind), value
+    raise TypeError(f"no check for fields of type {kind!r}")  # a bug: teach _convert the type
+
+
+def _describe(kind: Any) -> str:
+    """ "an int", "a number or null", "a list of 2 ints": what a value of type `kind` is."""
+    names = {int: "an int", float: "a number", str: "a string", bool: "true or false"}
+    if kind in names:
+        return names[kind]
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in args if arm is not type(None)) + " or null"
+    if origin is tuple and (args[-1:] == (Ellipsis,) or len(set(args)) == 1):
+        plural = {int: "ints", float: "numbers", str: "strings", bool: "booleans"}[args[0]]
+        count = "" if args[-1:] == (Ellipsis,) else f"{len(args)} "
+        return f"a list of {count}{plural}"
+    return str(kind)
 
 
 def default_home() -> Path:
@@ -161,6 +242,14 @@ class TrainConfig:
             (self.step_size >= 1, f"step size must be >= 1 epoch, got {self.step_size}"),
             (self.warmup_epochs >= 1, f"warmup epochs must be >= 1, got {self.warmup_epochs}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (
+                (self.gpus_per_worker is None or self.gpus_per_worker >= 0)
+                and self.cpus_per_worker >= 0,
+                f"GPUs and CPUs per worker must be >= 0, got {self.gpus_per_worker} and "
+                f"{self.cpus_per_worker}",
+            ),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.log_every_steps >= 1, "log_every_steps must be >= 1"),
             (self.grad_accum >= 1, f"grad accumulation must be >= 1, got {self.grad_accum}"),
             (self.global_batch >= 1, f"global batch must be >= 1, got {self.global_batch}"),
             (
@@ -203,17 +292,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "") -> TrainConfig:
+        """The config of `values` (`to_dict`'s, or a YAML file's), each value checked against
+        its field's type; `prefix` names where `values` sit in the file (e.g. "train.")."""
         values = dict(values)
-        data = dict(values.pop("data", {}))
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        data = values.pop("data", {})
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config: {prefix}data must be a mapping of data options, got "
+                              f"{data!r}")  # fmt: skip
+        unknown = {str(k) for k in set(values) - {f.name for f in dataclasses.fields(cls)}}
         unknown |= {
             f"data.{k}" for k in set(data) - {f.name for f in dataclasses.fields(StreamConfig)}
         }
         if unknown:
             raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        if "scale" in data:
-            data["scale"] = tuple(data["scale"])
+        values = checked_fields(cls, values, prefix)
+        data = checked_fields(StreamConfig, data, f"{prefix}data.")
         return cls(**values, data=StreamConfig(**data))
 
     def flat(self) -> dict[str, Any]:

@@ -340,7 +340,15 @@ def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> Manifest:
         if len(color.mean_rgb) != 3 or len(color.eigval) != 3 or len(color.eigvec) != 3:
             raise ValueError("stats must hold 3 channels")
     except (AttributeError, KeyError, TypeError, ValueError) as error:
-        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        if isinstance(error, KeyError):
+            detail = f"missing {error}"
+        elif isinstance(error, AttributeError | TypeError):  # e.g. a list where an object goes
+            detail = ('expected a JSON object with "classes" (a list of {"index", "wnid", '
+                      '"name"}), "splits" ({name: {"shards": [{"path", "rows", "row_groups", '
+                      '...}]}}) and "stats" ({"mean_rgb", "eigval", "eigvec"}), as `vgg-ray '
+                      f'prepare` writes it ({error})')  # fmt: skip
+        else:
+            detail = str(error)
         raise ConfigError(f"invalid manifest {uri}: {detail}") from None
     return Manifest(
         uri=uri,

@@ -119,6 +119,8 @@ def check_init(config: TrainConfig, classes: int) -> None:
     key = (config.init, config.arch, config.width, config.batch_norm, classes)
     if config.init in INITS or key in _FITTING_INITS:
         return
+    if config.init.startswith(("models:/", "runs:/")) and config.tracking_uri:
+        _use_store(config.tracking_uri)  # resolved in the run's store, as the workers do
     with torch.device("meta"):
         model = build_vgg(config.arch, classes, config.width, "glorot", config.dropout,
                           config.batch_norm)  # fmt: skip
@@ -147,10 +149,6 @@ def registered_net_a(config: TrainConfig) -> str | None:
         return None
     candidate = replace(config, init=NET_A, tracking_uri=uri)
     try:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
         manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
         check_init(candidate, len(manifest.classes))
     except ConfigError as error:
@@ -158,6 +156,15 @@ def registered_net_a(config: TrainConfig) -> str | None:
               flush=True)  # fmt: skip
         return None
     return NET_A
+
+
+def _use_store(tracking_uri: str) -> None:
+    """Point MLflow's process-wide URIs (tracking and registry) at one store: where `models:/`
+    and `runs:/` URIs are resolved."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
 
 
 def _conv_layers(model: torch.nn.Module) -> int:
@@ -221,10 +228,7 @@ class Worker:
                 unsent = state.get("unsent_metrics", [])
         else:
             if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
-                import mlflow
-
-                mlflow.set_tracking_uri(loop_config["tracking_uri"])
-                mlflow.set_registry_uri(loop_config["tracking_uri"])
+                _use_store(loop_config["tracking_uri"])
             _initial_weights(model, config)
         self.model = parallelize(model, self.device, channels_last=self.channels_last,
                                  compile=config.compile)  # fmt: skip
