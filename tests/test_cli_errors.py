@@ -223,6 +223,15 @@ CASES = [
                                         f"http://k:{SECRET}@h:9000"], "AWS_SECRET_ACCESS_KEY"),
     # tune, register, register-ensemble, promote, rollback
     ("tune unknown option", ["tune", "--bogus"], "unrecognized arguments: --bogus"),
+    # tune's pre-flight is train's, before its mlflow server or Ray starts (seconds, not a hang)
+    ("tune manifest missing", ["tune", "--manifest", "{root}/nowhere",
+                               "--tracking-uri", "sqlite:///{root}/tune.db"],
+     "cannot read manifest"),
+    ("tune mlflow unreachable", ["tune", "--manifest", "{manifest}", "--tracking-uri", "{closed}"],
+     "cannot reach MLflow"),
+    ("tune shard garbage", ["tune", "--manifest", "{root}/garbage",
+                            "--tracking-uri", "sqlite:///{root}/tune.db"],
+     "is not a readable Parquet file"),
     ("tune zero epochs", ["tune", "--epochs", "0"], "epochs must be >= 1"),
     ("tune negative seed", ["tune", "--seed", "-1"], "argument --seed: must be >= 0"),
     ("tune tracking credentials", ["tune", "--tracking-uri", f"http://u:{SECRET}@h:5000"],

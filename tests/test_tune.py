@@ -4,6 +4,7 @@ width on 32 px crops of a 3-class set, 1-3 epochs each."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def test_search_yaml_merges_over_the_profile(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text(
         "scheduler: pbt\nnum_samples: 3\nspace:\n  lr: [0.001, 0.01]\n  schedule: cosine\n"
-        "  weight_decay: 0.0005\ntrain:\n  epochs: 2\n  data: {crop: 24}\n"
+        "  weight_decay: 0.0005\ntrain:\n  epochs: 2\n  data: {crop: 32}\n"
     )
     args = build_parser().parse_args(["tune", "--config", str(path), "--manifest", "m.json",
                                       "--profile", "demo", "--num-samples", "5"])  # fmt: skip
@@ -91,12 +92,12 @@ def test_search_yaml_merges_over_the_profile(tmp_path):
     assert from_cli.space.weight_decay == (0.0005, 0.0005) and from_cli.train.epochs == 2
     config = SearchConfig.from_dict(
         {"scheduler": "pbt", "space": {"lr": [0.001, 0.01], "schedule": "cosine"},
-         "train": {"epochs": 2, "data": {"crop": 24}}},
+         "train": {"epochs": 2, "data": {"crop": 32}}},
         SearchConfig(train=demo("A")),
     )  # fmt: skip
     assert config.scheduler == "pbt" and config.space.lr == (0.001, 0.01)
     assert config.space.schedule == ("cosine",) and config.train.epochs == 2
-    assert config.train.data.crop == 24 and config.train.width == 1 / 16
+    assert config.train.data.crop == 32 and config.train.width == 1 / 16
     with pytest.raises(ConfigError, match="unknown search option"):
         SearchConfig.from_dict({"space": {"momentum": [0.9]}})
 
@@ -104,6 +105,38 @@ def test_search_yaml_merges_over_the_profile(tmp_path):
 # ------------------------------------------------------------------------------ on Ray
 
 slow = pytest.mark.slow
+
+
+def test_the_search_server_dies_with_its_driver(tmp_path):
+    """A search killed outright (SIGKILL: no `finally` runs) leaves no `mlflow server`."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from vgg_ray.tune import mlflow_server\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        "store, log = f'sqlite:///{root}/m.db', root / 'log'\n"
+        "with mlflow_server(store, root / 'art', log_path=log) as uri:\n"
+        "    print(uri, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    uri = driver.stdout.readline().strip()
+    urllib.request.urlopen(f"{uri}/health", timeout=5).close()  # it serves
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1).close()
+            time.sleep(0.2)
+        except OSError:
+            return  # gone
+    pytest.fail(f"mlflow server at {uri} outlived its driver")
 
 
 @pytest.fixture(scope="module")

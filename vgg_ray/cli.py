@@ -828,7 +828,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _dispatch(args)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a command as Ctrl-C does: runs marked, servers stopped
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.run(args) or 0
     except ConfigError as error:  # redacted: a URL's password never comes back

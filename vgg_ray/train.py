@@ -575,23 +575,16 @@ def build_trainer(
 def preflight(config: TrainConfig, *, resume: bool = False) -> tuple[TrainConfig, Any]:
     """Everything about a run that can be checked on the driver, in seconds, before any MLflow
     run, run folder or worker exists: the config (values and their combination), the storage
-    path, the tracking store answering, the manifest and every shard it lists (size, footer),
-    and the init's weights fitting the net. Returns the resolved config and the manifest."""
+    path, the tracking server answering, the manifest and every shard it lists (size, footer),
+    and the init's weights fitting the net. `train` and every Tune search call it first.
+    Returns the resolved config and the manifest."""
     config = resolve(config).validate()
     check_reachable(config.tracking_uri)
     manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
     check_shards(manifest)
     if not resume:
         check_init(config, len(manifest.classes))
-    filesystem, storage_path = _storage(config)
-    exists = _run_exists(filesystem, storage_path, config.run_name)
-    if exists and not resume:
-        raise ConfigError(
-            f"run {config.run_name!r} already exists in {config.storage_path}; "
-            "pass --resume to continue it, or another --run-name"
-        )
-    if resume and not exists:
-        raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
+    _storage(config)
     return config, manifest
 
 
@@ -605,6 +598,14 @@ def train(
     from vgg_ray import runtime
 
     config, manifest = preflight(config, resume=resume)
+    exists = _run_exists(*_storage(config), config.run_name)
+    if exists and not resume:
+        raise ConfigError(
+            f"run {config.run_name!r} already exists in {config.storage_path}; "
+            "pass --resume to continue it, or another --run-name"
+        )
+    if resume and not exists:
+        raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
     if note := init_note(config):
         print(f"vgg-ray: {note}", flush=True)
     run_id = _mlflow_run(config, resume=resume, tags=tags or {})
@@ -700,7 +701,7 @@ def _best_intact(best_checkpoints: list) -> tuple[Any, dict[str, float], dict[st
     raise ConfigError(f"no kept checkpoint of the run verifies: {'; '.join(problems)}")
 
 
-def _deliver_unsent(config: TrainConfig, run_id: str, state: dict[str, Any], where) -> None:
+def deliver_unsent(config: TrainConfig, run_id: str, state: dict[str, Any], where) -> None:
     """Send the metric values the last checkpoint carries unsent (the tracking server was away
     as training ended), waiting for the server as MLflow's client does. Undeliverable, the run
     is not marked FINISHED: one line says where the values wait and how to send them."""
@@ -736,7 +737,7 @@ def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
 
     latest = ckpt.load_newest_intact(result.checkpoint)
     history = latest["loop"]["history"]
-    _deliver_unsent(config, run_id, latest, result.checkpoint)
+    deliver_unsent(config, run_id, latest, result.checkpoint)
     best_checkpoint, best_metrics, best_state = _best_intact(result.best_checkpoints)
     best_uri = _checkpoint_uri(config, best_checkpoint)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):

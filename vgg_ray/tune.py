@@ -25,11 +25,13 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import typing
 import urllib.request
 import uuid
 from collections import Counter
@@ -43,7 +45,15 @@ from unittest import mock
 from ray import tune
 from ray.train import UserCallback
 
-from vgg_ray.config import TrainConfig, default_home, demo, paper
+from vgg_ray.config import (
+    TrainConfig,
+    check_value,
+    checked_fields,
+    default_home,
+    demo,
+    field_types,
+    paper,
+)
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import SCHEDULES
 from vgg_ray.tracking import DIVERGED_TAG
@@ -170,6 +180,7 @@ class SearchConfig:
             (self.perturbation_interval >= 1, "perturbation interval must be >= 1"),
             (self.trial_max_failures >= -1, "trial max failures must be >= 0 (-1: no limit)"),
             (bool(self.metric), "metric must be named"),
+            (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -189,17 +200,25 @@ class SearchConfig:
         base = base or cls()
         values = dict(values)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        space = dict(values.pop("space", None) or {})
+        unknown = {str(k) for k in set(values) - known}
+        space = values.pop("space", None) or {}
+        overrides = values.pop("train", None) or {}
+        for key, given in (("space", space), ("train", overrides)):
+            if not isinstance(given, dict):
+                raise ConfigError(f"config: {key} must be a mapping of options, got {given!r}")
         unknown |= {f"space.{k}" for k in set(space) - set(SearchSpace.__dataclass_fields__)}
         if unknown:
             raise ConfigError(f"unknown search option(s): {', '.join(sorted(unknown))}")
         train = base.train.to_dict()
-        overrides = dict(values.pop("train", None) or {})
-        train["data"].update(overrides.pop("data", None) or {})
+        overrides = dict(overrides)
+        data = overrides.pop("data", None) or {}  # not a mapping: TrainConfig.from_dict says so
+        train["data"] = {**train["data"], **data} if isinstance(data, dict) else data
         train.update(overrides)
-        space_values = {k: tuple(v) if isinstance(v, list | tuple) else (v,) for k, v in
-                        space.items()}  # fmt: skip
+        space_values = {}
+        for key, value in space.items():  # each value or value of a list, as its field's type
+            item_type = typing.get_args(field_types(SearchSpace)[key])[0]
+            items = value if isinstance(value, list | tuple) else [value]
+            space_values[key] = tuple(check_value(item_type, v, f"space.{key}") for v in items)
         for name in SearchSpace.RANGES:  # a single value fixes a range
             if name in space_values and len(space_values[name]) == 1:
                 space_values[name] = space_values[name] * 2
@@ -207,8 +226,8 @@ class SearchConfig:
                 raise ConfigError(f"search space: {name} is a range: give [low, high] or a value")
         return replace(
             base,
-            **values,
-            train=TrainConfig.from_dict(train),
+            **checked_fields(cls, values),
+            train=TrainConfig.from_dict(train, "train."),
             space=replace(base.space, **space_values),
         )
 
@@ -329,7 +348,15 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
                         checkpoint=tune_checkpoint)  # fmt: skip
     if "error" in outcome:
         raise outcome["error"]
-    if (outcome["result"].metrics or {}).get("diverged"):
+    # What the workers could not send reaches the trial's run before Tune marks it FINISHED.
+    from vgg_ray import checkpoint as ckpt
+    from vgg_ray.train import deliver_unsent
+
+    result = outcome["result"]
+    if result.checkpoint is not None:
+        deliver_unsent(config, run_id, ckpt.load_newest_intact(result.checkpoint),
+                       result.checkpoint)  # fmt: skip
+    if (result.metrics or {}).get("diverged"):
         # A diverged trial ends here, not as an error: a retry would diverge the same way.
         from mlflow.tracking import MlflowClient
 
@@ -382,6 +409,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In a child before it runs its program: on Linux the kernel sends it SIGTERM when the
+    process that started it dies, however that dies (SIGKILL included), so a search killed
+    outright leaves no `mlflow server` behind. Elsewhere a no-op (the `finally` below and the
+    SIGTERM handler of `vgg-ray tune` cover the other exits)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def mlflow_server(
     backend_uri: str, artifacts: Path, *, log_path: Path, timeout_s: float = 120
@@ -400,7 +439,8 @@ def mlflow_server(
     ]  # fmt: skip
     with open(log_path, "ab") as output:
         server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=_die_with_parent)  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -588,6 +628,7 @@ def search(
     from mlflow.tracking import MlflowClient
 
     from vgg_ray import runtime
+    from vgg_ray.train import preflight
 
     config = resolve(config).validate()
     home = default_home()
@@ -604,6 +645,7 @@ def search(
         config = replace(config, train=replace(config.train, data=replace(
             config.train.data, manifest=str(Path(manifest).resolve()))))  # fmt: skip
 
+    preflight(config.train)  # the data, the init, the config: before a server or Ray starts
     runtime.connect()
     with _tracking(config, home) as tracking_uri:
         client = MlflowClient(tracking_uri)
@@ -675,9 +717,13 @@ def search(
             with mock.patch.dict(os.environ, TUNE_DISABLE_STRICT_METRIC_CHECKING="1"):
                 grid = tuner.fit()
         except BaseException as error:
-            client.set_terminated(
-                parent_run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            )
+            status = "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
+            for run in client.search_runs(  # trials cut off with the search end with it
+                [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                "AND attributes.status = 'RUNNING'",
+            ):  # fmt: skip
+                client.set_terminated(run.info.run_id, status)
+            client.set_terminated(parent_run_id, status)
             raise
         return _finish(config, grid, client, parent_run_id, tracking_uri, experiment_path, home)
 
