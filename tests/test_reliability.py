@@ -395,14 +395,32 @@ def test_bad_records_are_skipped_and_counted_in_training(ray_cluster, manifest, 
     state = latest_state(summary)
     assert state["loop"]["step"] == 12  # stand-ins keep the batches full
 
-    # A truncated shard stops the run with one line naming it (and how to go on), after its
-    # retries; `vgg-ray train` prints it as `vgg-ray train: error: ...`, exit 2.
+    # A shard truncated while the run goes on stops it with one line naming it (and how to go
+    # on), after its retries; `vgg-ray train` prints it as `vgg-ray train: error: ...`, exit 2.
     shard = load_manifest(str(root)).shards("train")[1].path
     data = (root / shard).read_bytes()
-    (root / shard).write_bytes(data[:-100])
-    config = tiny(str(root), tmp_path, epochs=1, run_name="truncated", max_failures=0)
+    config = tiny(str(root), tmp_path, epochs=2, run_name="truncated", max_failures=0,
+                  checkpoint_every_steps=0)  # fmt: skip
+    when(checkpoint_exists(config, 1, 12), lambda: (root / shard).write_bytes(data[:-100]))
     with pytest.raises(ConfigError, match=rf"shard .*{shard} is .* bytes.*--resume"):
         train(config)
+    # Truncated before the run starts: the driver's pre-flight names it, in seconds.
+    with pytest.raises(ConfigError, match=rf"{shard} is \d+ bytes, the manifest says"):
+        train(replace(config, run_name="truncated-before"))
+    assert not (Path(config.storage_path) / "truncated-before").exists()
+
+
+def test_a_run_folder_without_checkpoints_is_dropped_one_with_them_kept(tmp_path):
+    """What a run that failed before its first checkpoint leaves: nothing to block its name."""
+    from vgg_ray.train import _drop_if_no_checkpoint
+
+    config = TrainConfig(storage_path=str(tmp_path), run_name="early")
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert _drop_if_no_checkpoint(config) and not (tmp_path / "early").exists()
+    assert _drop_if_no_checkpoint(config)  # no folder at all: nothing to resume either
+    (tmp_path / "early" / "epoch-0001-step-00000012").mkdir(parents=True)
+    assert not _drop_if_no_checkpoint(config) and (tmp_path / "early").exists()
 
 
 @pytest.mark.slow

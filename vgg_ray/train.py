@@ -458,6 +458,25 @@ def _storage(config: TrainConfig):
     return None, str(path)
 
 
+def _drop_if_no_checkpoint(config: TrainConfig) -> bool:
+    """Remove the folder of a run that failed before its first checkpoint (it holds nothing
+    to resume, and would block the run's name); True if it did."""
+    import pyarrow.fs
+
+    filesystem, path = _storage(config)
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    folder = f"{path.rstrip('/')}/{config.run_name}"
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+        if any(e.base_name.startswith("epoch-") for e in entries):
+            return False
+        if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_dir(folder)
+    except OSError:  # storage away: the folder stays, and so does the advice to resume
+        return False
+    return True
+
+
 def _run_exists(filesystem, path: str, run_name: str) -> bool:
     import pyarrow.fs
 
@@ -628,11 +647,15 @@ def train(
             client.set_terminated(
                 run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             )
+        how_to_go_on = (
+            f"run {config.run_name!r} stopped at its latest checkpoint: once fixed, continue "
+            f"it with --resume --run-name {config.run_name}"
+        )
+        if not resume and _drop_if_no_checkpoint(config):
+            how_to_go_on = (f"run {config.run_name!r} stopped before its first checkpoint, so "
+                            "there is nothing to resume: once fixed, start it again")  # fmt: skip
         if cause := _user_error(error):  # a bad shard, storage down past its limit, ...
-            raise ConfigError(
-                f"{cause}; run {config.run_name!r} stopped at its latest checkpoint: once "
-                f"fixed, continue it with --resume --run-name {config.run_name}"
-            ) from error
+            raise ConfigError(f"{cause}; {how_to_go_on}") from error
         raise
     if streak := (result.metrics or {}).get("diverged"):
         where = _checkpoint_uri(config, result.checkpoint)
