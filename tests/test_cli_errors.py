@@ -43,8 +43,9 @@ def world(tmp_path_factory) -> dict[str, str]:
     (root / "notrain").mkdir()
     (root / "oneclass" / "train" / "n00000001").mkdir(parents=True)
     (root / "badshape").mkdir()
-    (root / "badshape" / "manifest.json").write_text(json.dumps(
-        {"format": "vgg-ray-shards/1", "classes": ["a", "b"], "splits": {}, "stats": {}}))
+    (root / "badshape" / "manifest.json").write_text(
+        json.dumps({"format": "vgg-ray-shards/1", "classes": ["a", "b"], "splits": {}, "stats": {}})
+    )
     (root / "badjson").mkdir()
     (root / "badjson" / "manifest.json").write_text("{not json")
     (root / "unknown.yaml").write_text("epochs: 2\nlearning_rate: 0.1\n")

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import train_workers
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.cli import main
@@ -96,27 +97,6 @@ def when(condition: Callable[[], bool], action: Callable[[], None], *,
 def checkpoint_exists(config: TrainConfig, epoch: int, step: int) -> Callable[[], bool]:
     path = Path(config.storage_path) / config.run_name / f"epoch-{epoch:04d}-step-{step:08d}"
     return lambda: (path / ckpt.DIGEST_FILE).exists()  # written last: the checkpoint is whole
-
-
-def train_workers() -> list[int]:
-    """Pids of this test process's Ray Train workers: only descendants of this process (other
-    engineers' Ray clusters on the machine are never touched)."""
-    parents: dict[int, int] = {}
-    titles: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            titles[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-    mine, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
-        mine |= frontier
-    return sorted(pid for pid in mine if "TrainWorker" in titles.get(pid, ""))
 
 
 class Proxy:

@@ -3,12 +3,15 @@ generated JPEGs -> prepare -> shards -> Ray Data stream -> Ray Train workers (DD
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_shards
+from conftest import make_shards, train_workers
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.config import TrainConfig, demo
@@ -37,13 +40,32 @@ def tiny(manifest: str, tmp_path: Path, **overrides) -> TrainConfig:
     return replace(config, **values)
 
 
+def _worker_environments(found: dict[int, bytes], watching: threading.Event) -> None:
+    """While `watching` is set: the environment of each Ray Train worker of this process."""
+    while watching.is_set():
+        for pid in train_workers():
+            with contextlib.suppress(OSError):
+                found.setdefault(pid, Path(f"/proc/{pid}/environ").read_bytes())
+        time.sleep(0.2)
+
+
 def test_two_workers_train_and_the_run_is_tracked(ray_cluster, manifest, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from vgg_ray.train import train
 
     config = tiny(manifest, tmp_path, workers=2, epochs=4)
+    environments: dict[int, bytes] = {}
+    watching = threading.Event()
+    watcher = threading.Thread(target=_worker_environments, args=(environments, watching))
+    watching.set()
+    watcher.start()
     summary = train(config)
+    watching.clear()
+    watcher.join()
+    # The torch collective of a local run keeps to loopback (docs/reliability.md, Security).
+    assert len(environments) == 2
+    assert all(b"GLOO_SOCKET_IFNAME=lo\0" in env for env in environments.values())
     client = MlflowClient(config.tracking_uri)
     run = client.get_run(summary.mlflow_run_id)
 

@@ -110,8 +110,10 @@ def log_net(state: dict[str, Any]) -> None:
             input_example=torch.zeros(1, 3, crop, crop).numpy(),
             serialization_format="pickle",
             pip_requirements=model_requirements(),
-            extra_files=[str(ckpt.save_state(directory, state)),
-                         str(Path(directory) / ckpt.DIGEST_FILE)],  # fmt: skip
+            extra_files=[
+                str(ckpt.save_state(directory, state)),
+                str(Path(directory) / ckpt.DIGEST_FILE),
+            ],
             metadata={"classes": list(state["classes"]), "arch": state["arch"]},
         )
 
