@@ -76,10 +76,84 @@ def ray_cluster():
 
     from vgg_ray import runtime
 
-    os.environ["RAY_ADDRESS"] = ""  # never join a cluster a developer left running
-    runtime.connect(num_cpus=4)
+    runtime.start_local(num_cpus=4)  # never a cluster a developer (or another test) left running
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, tmp_path_factory) -> str:
+    """`mlflow server` on loopback (what a cluster runs), started once per session by the first
+    test that asks: SQLite store, artifacts proxied to the moto bucket. Test modules sharing it
+    use their own model and experiment names."""
+    import socket
+    import subprocess
+    import sys
+
+    from vgg_ray.stack import _wait_http
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # No job runner: its seven worker processes (for GenAI jobs these tests never start) cost
+    # about 30 CPU-seconds at every start.
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3.endpoint,
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # fmt: skip
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", s3.uri("mlartifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http("MLflow", f"{uri}/health", server.pid, log, 120)
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "server"])
+def mlflow_store(request, tmp_path_factory) -> str:
+    """The registry and evaluation tests run against both stores (DESIGN.md): the embedded
+    default a laptop user meets, `sqlite:///<dir>/mlflow.db` with artifacts beside it (it
+    returns model versions as int), and an `mlflow server` (versions as str). Module-scoped:
+    each module's tests build on one another's registrations, once per store."""
+    if request.param == "server":
+        return request.getfixturevalue("mlflow_server")
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite-store') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tracking_uri(mlflow_store, monkeypatch, tmp_path) -> str:
+    """`mlflow_store` for one test, with MLflow's process-wide state put back afterwards:
+    `mlflow.set_tracking_uri` / `set_registry_uri` / `set_experiment` also write
+    MLFLOW_TRACKING_URI / _REGISTRY_URI / _EXPERIMENT_ID, and these globals would otherwise carry
+    one test's store into the next (or the other parameter's). The embedded default's home is
+    the test's own folder."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             fluent._active_experiment_id)  # fmt: skip
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test, as it was
+    monkeypatch.setenv("VGG_RAY_HOME", str(tmp_path / "home"))
+    # From nothing: code that leans on a leftover URI fails here, not only after another test.
+    tracking_utils._tracking_uri = registry_utils._registry_uri = None
+    fluent._active_experiment_id = None
+    yield mlflow_store
+    (tracking_utils._tracking_uri, registry_utils._registry_uri,
+     fluent._active_experiment_id) = saved  # fmt: skip
 
 
 def make_shards(
@@ -122,3 +196,24 @@ def read_split(manifest_uri: str, split: str) -> tuple[list, list[int], list[str
         keys += [str(k) for k in rows["key"]]
         raw += [bytes(b) for b in rows["image"]]
     return images, labels, keys, raw
+
+
+def train_workers() -> list[int]:
+    """Pids of this test process's Ray Train workers: only descendants of this process (other
+    engineers' Ray clusters on the machine are never touched)."""
+    parents: dict[int, int] = {}
+    titles: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            titles[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+        mine |= frontier
+    return sorted(pid for pid in mine if "TrainWorker" in titles.get(pid, ""))

@@ -1,5 +1,6 @@
 """The paper's test protocol (Sect. 3.2): its geometry and averaging on tiny nets in plain torch,
-then the Ray Data job end to end on a prepared demo set, with MLflow in a real SQLite store."""
+then the Ray Data job end to end on a prepared demo set, logging to both MLflow stores (conftest
+`mlflow_store`: the embedded SQLite default and an `mlflow server`)."""
 
 from __future__ import annotations
 
@@ -282,18 +283,19 @@ def test_results_do_not_depend_on_batch_size_or_actor_count(ray_cluster, data, c
 
 @pytest.mark.slow
 def test_runs_registered_models_and_ensembles_log_to_mlflow(ray_cluster, data, checkpoint,
-                                                            tmp_path):  # fmt: skip
+                                                            tmp_path, tracking_uri,
+                                                            capsys):  # fmt: skip
     import mlflow
     import mlflow.pytorch
-    from mlflow.tracking import MlflowClient
 
     from vgg_ray.checkpoint import load_trained
     from vgg_ray.evaluate_job import evaluate
+    from vgg_ray.tracking import experiment_id, open_client
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = tracking_uri
     mlflow.set_tracking_uri(tracking)
-    client = MlflowClient(tracking)
-    experiment = client.create_experiment("eval-test")
+    client = open_client(tracking)
+    experiment = experiment_id(client, "eval-test")  # as training makes it
     params = {"arch": "A", "data.crop": "32", "data.scale": "(36, 48)", "data.normalize": "paper",
               "data.manifest": data}  # fmt: skip
     trained = client.create_run(experiment, run_name="trained")  # as vgg_ray.train leaves it
@@ -318,15 +320,31 @@ def test_runs_registered_models_and_ensembles_log_to_mlflow(ray_cluster, data, c
     assert metrics["eval_single_42_top1_error"] == pytest.approx(result.rows[0].top1_error)
     assert "eval_dense_36_42_48_top5_error" in metrics
     assert "eval_single_42_top1_error" in client.get_run(logged.info.run_id).data.metrics
-    artifacts = {a.path for a in client.list_artifacts(trained.info.run_id, "evaluation")}
-    assert artifacts == {"evaluation/table.md", "evaluation/table.csv",
-                         "evaluation/per_class.csv"}  # fmt: skip
+    first = result.mlflow_tables
+    assert first.startswith("evaluation/") and first.endswith("-val-single-dense"), first
+    assert f"under {first}/" in capsys.readouterr().out
+    artifacts = {a.path for a in client.list_artifacts(trained.info.run_id, first)}
+    assert artifacts == {f"{first}/table.md", f"{first}/table.csv", f"{first}/per_class.csv"}
     ensemble = [r for r in client.search_runs([experiment])
                 if r.info.run_name == "evaluate-ensemble"]  # fmt: skip
     assert len(ensemble) == 1
     assert ensemble[0].data.tags["member_1"] == "models:/tiny-A@champion"
     assert ensemble[0].data.tags["member_0_run"] == trained.info.run_id
     assert "eval_ensemble_dense_36_42_48_top1_error" in ensemble[0].data.metrics
+    if tracking.startswith("sqlite:///"):  # beside the database, not ./mlruns of the cwd
+        beside = (Path(tracking.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        assert ensemble[0].info.artifact_uri.startswith(beside + "/")
+
+    # The same run evaluated again keeps the first table beside the second.
+    again = evaluate(dataclasses.replace(config, models=(f"runs:/{trained.info.run_id}",),
+                                         modes=("single",), max_images=6))  # fmt: skip
+    second = again.mlflow_tables
+    assert second != first and second.endswith("-val-single")
+    folders = {a.path for a in client.list_artifacts(trained.info.run_id, "evaluation")}
+    assert folders == {first, second}
+    for folder in folders:
+        table = client.download_artifacts(trained.info.run_id, f"{folder}/table.md", tmp_path)
+        assert "| A | [36;48] | single | 42 |" in Path(table).read_text()
 
 
 def test_bad_inputs_are_clear_errors(data, checkpoint, tmp_path):

@@ -1,14 +1,13 @@
-"""The model registry against a real `mlflow server` (SQLite store, artifacts proxied to a moto S3
-server): tiny nets registered from their runs, their ensemble as a pyfunc that predicts what the
+"""The model registry against both stores (conftest `mlflow_store`): the embedded SQLite default
+(artifacts beside the database) and a real `mlflow server` (artifacts proxied to a moto S3
+server). Tiny nets registered from their runs, their ensemble as a pyfunc that predicts what the
 evaluation protocol computes, gated promotion with evidence, rollback, and the clear errors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
-import socket
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,41 +19,6 @@ from vgg_ray.errors import ConfigError
 
 torch.set_num_threads(1)  # the machine is shared; these nets are tiny
 CLASSES = 8  # more than 5, or every top-5 error is 0 and no promotion could be decided
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(s3, tmp_path_factory):
-    """`mlflow server` on loopback: SQLite store, artifacts proxied to the moto bucket."""
-    from vgg_ray.stack import _wait_http
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3.endpoint)
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", s3.uri("mlartifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http("MLflow", f"{uri}/health", server.pid, log, 120)
-        yield uri
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +76,40 @@ def _checkpoint(directory: Path, manifest_uri: str, arch: str, *, steps: int, se
     return directory
 
 
+@contextlib.contextmanager
+def _fluent(tracking_uri: str):
+    """MLflow's fluent API on `tracking_uri` for a module fixture, its globals put back after
+    (the function-scoped `tracking_uri` fixture does this per test). Set directly, they write no
+    MLFLOW_* variables that would outlive this."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             fluent._active_experiment_id)  # fmt: skip
+    tracking_utils._tracking_uri = registry_utils._registry_uri = tracking_uri
+    try:
+        yield
+    finally:
+        (tracking_utils._tracking_uri, registry_utils._registry_uri,
+         fluent._active_experiment_id) = saved  # fmt: skip
+
+
 def _log_run(tracking_uri: str, checkpoint: Path) -> str:
-    """An MLflow run as vgg_ray.train leaves it: params, tags, best_checkpoint, the model."""
+    """An MLflow run as vgg_ray.train leaves it: params, tags, best_checkpoint, the model, in
+    an experiment made as training makes it (on SQLite, artifacts beside the database)."""
     import mlflow
 
     from vgg_ray.checkpoint import load_state
     from vgg_ray.config import TrainConfig
-    from vgg_ray.tracking import log_net
+    from vgg_ray.tracking import experiment_id, log_net, open_client
 
     state = load_state(checkpoint)
     config = TrainConfig.from_dict(state["config"])
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("registry-test")
-    with mlflow.start_run(run_name=config.run_name, log_system_metrics=False) as run:
+    experiment = experiment_id(open_client(tracking_uri), "registry-test")
+    with (_fluent(tracking_uri),
+          mlflow.start_run(experiment_id=experiment, run_name=config.run_name,
+                           log_system_metrics=False) as run):  # fmt: skip
         mlflow.log_params({k: str(v) for k, v in config.flat().items()})
         mlflow.set_tags({"vgg_ray.run_name": config.run_name, "arch": config.arch,
                          "data_manifest": config.data.manifest,
@@ -135,22 +120,40 @@ def _log_run(tracking_uri: str, checkpoint: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def nets(tracking_uri, data, tmp_path_factory) -> dict[str, object]:
-    """Two trained nets (A, B) and two that rank classes in a fixed order, each a run."""
+def checkpoints(data, tmp_path_factory) -> dict[str, Path]:
+    """Two trained nets (A, B) and two that rank classes in a fixed order: trained once, for
+    both stores."""
     root = tmp_path_factory.mktemp("nets")
-    out: dict[str, object] = {}
-    for key, arch, steps, seed in (("A", "A", 40, 1), ("B", "B", 40, 2), ("A0", "A", 0, 3),
-                                   ("B0", "B", 0, 4)):  # fmt: skip
-        checkpoint = _checkpoint(root / key, data, arch, steps=steps, seed=seed)
-        out[key] = checkpoint
-        out[f"{key}_run"] = _log_run(tracking_uri, checkpoint)
-    return out
+    return {key: _checkpoint(root / key, data, arch, steps=steps, seed=seed)
+            for key, arch, steps, seed in (("A", "A", 40, 1), ("B", "B", 40, 2),
+                                           ("A0", "A", 0, 3), ("B0", "B", 0, 4))}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def nets(mlflow_store, checkpoints) -> dict[str, object]:
+    """The four checkpoints, and each as a training run in this store (`<key>_run`)."""
+    return {
+        **checkpoints,
+        **{f"{key}_run": _log_run(mlflow_store, c) for key, c in checkpoints.items()},
+    }
 
 
 def _client(tracking_uri):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def _assert_artifacts_beside_the_store(client, run_id: str) -> None:
+    """A run's artifacts are where the store keeps them: beside a local sqlite database
+    (tracking.experiment_id), not in ./mlruns of whatever folder the command ran in; an mlflow
+    server's in its proxied store."""
+    uri, artifacts = client.tracking_uri, client.get_run(run_id).info.artifact_uri
+    if uri.startswith("sqlite:///"):
+        beside = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        assert artifacts.startswith(beside + "/"), artifacts
+    else:
+        assert artifacts.startswith("mlflow-artifacts:/"), artifacts
 
 
 # --- registering -----------------------------------------------------------------------------
@@ -164,7 +167,7 @@ def test_register_nets_from_their_runs(tracking_uri, data, nets):
     assert [(r.name, r.version) for r in registered] == [("vgg-A", "1"), ("vgg-B", "1")]
     client = _client(tracking_uri)
     version = client.get_model_version_by_alias("vgg-A", CHALLENGER)
-    assert version.version == "1" and version.run_id == nets["A_run"]
+    assert str(version.version) == "1" and version.run_id == nets["A_run"]  # int on SQLite
     tags = version.tags
     assert tags["run_id"] == nets["A_run"] and tags["vgg_ray.kind"] == "net"
     assert tags["data_manifest"] == data
@@ -188,6 +191,7 @@ def test_ensemble_predicts_the_evaluation_protocols_mean_soft_max(tracking_uri, 
     )
     assert (registered.name, registered.version) == ("vgg-AB", "1")
     assert registered.tags["member_run_ids"] == f"{nets['A_run']},{nets['B_run']}"
+    _assert_artifacts_beside_the_store(_client(tracking_uri), registered.run_id)
     model = mlflow.pyfunc.load_model("models:/vgg-AB@challenger")
     assert model.metadata.metadata["classes"] == [f"n{i:08d}" for i in range(CLASSES)]
     # The members as the evaluation job loads them, and its protocol rows.
@@ -216,10 +220,13 @@ def test_ensemble_predicts_the_evaluation_protocols_mean_soft_max(tracking_uri, 
     assert model.predict(same_size).shape == (2, CLASSES)
 
 
-def test_large_artifacts_go_up_in_parts_and_come_back_whole(tracking_uri, s3, tmp_path,
+def test_large_artifacts_go_up_in_parts_and_come_back_whole(mlflow_server, s3, tmp_path,
                                                            monkeypatch):  # fmt: skip
+    """The server's S3 multipart upload (no such thing on the SQLite store's local folder)."""
     import boto3
     import mlflow
+
+    from vgg_ray.tracking import experiment_id
 
     # S3 parts are at least 5 MB (moto enforces it as S3 does): 11 MB in 5 MB parts = 3 parts.
     monkeypatch.setenv("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", str(2**20))
@@ -227,8 +234,8 @@ def test_large_artifacts_go_up_in_parts_and_come_back_whole(tracking_uri, s3, tm
     monkeypatch.delenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", raising=False)  # server decides
     payload = np.random.default_rng(0).bytes(11 * 2**20)
     (tmp_path / "big.bin").write_bytes(payload)
-    client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name("registry-test").experiment_id
+    client = _client(mlflow_server)
+    experiment = experiment_id(client, "registry-test")
     run = client.create_run(experiment, run_name="multipart")
     client.log_artifact(run.info.run_id, str(tmp_path / "big.bin"), "weights")
     objects = boto3.client("s3", endpoint_url=s3.endpoint).list_objects_v2(
@@ -239,7 +246,7 @@ def test_large_artifacts_go_up_in_parts_and_come_back_whole(tracking_uri, s3, tm
     assert stored["ETag"].strip('"').endswith("-3")  # S3's mark of a 3-part upload
     back = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="weights/big.bin", dst_path=str(tmp_path / "back"),
-        tracking_uri=tracking_uri)  # fmt: skip
+        tracking_uri=mlflow_server)  # fmt: skip
     assert Path(back).read_bytes() == payload
 
 
@@ -255,19 +262,28 @@ def _promote(tracking_uri, data, **overrides):
     return promote(PromoteConfig(**values))
 
 
+def _printed_tables(out: str) -> list[Path]:
+    """The local table folders `vgg-ray evaluate` printed (`tables in <folder>;`)."""
+    return [Path(m) for m in re.findall(r"vgg-ray evaluate: tables in (\S+?)(?:;|$)", out, re.M)]
+
+
 @pytest.mark.slow
 def test_promotion_moves_champion_only_for_a_better_challenger(ray_cluster, tracking_uri, data,
-                                                               nets):  # fmt: skip
+                                                               nets, capsys):  # fmt: skip
+    import mlflow.pyfunc
+
+    from vgg_ray.cli import main
+    from vgg_ray.config import default_home
     from vgg_ray.registry import EnsembleConfig, manifest_sha256, register_ensemble, rollback
 
     client = _client(tracking_uri)
 
-    def ensemble(*members):
-        return register_ensemble(EnsembleConfig(members=members, name="vgg-AB",
+    def ensemble(*members, mode="single"):
+        return register_ensemble(EnsembleConfig(members=members, name="vgg-AB", mode=mode,
                                                 tracking_uri=tracking_uri)).version  # fmt: skip
 
-    def champion():
-        return client.get_model_version_by_alias("vgg-AB", "champion").version
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("vgg-AB", "champion").version)
 
     # Version 1 (trained A+B, from the previous test) holds @challenger. Make a worse one the
     # first champion: versions 2 is the fixed-order nets, promoted with no champion yet.
@@ -280,16 +296,23 @@ def test_promotion_moves_champion_only_for_a_better_challenger(ray_cluster, trac
     assert tags["promotion.champion_top5_error"] == "none"
     assert champion() == fixed
 
-    # The trained ensemble is better: it takes @champion, and the evidence names both.
-    trained = ensemble("models:/vgg-A/1", "models:/vgg-B/1")
-    second = _promote(tracking_uri, data, margin=0.01)
-    assert second.promoted and second.champion == fixed and champion() == trained
-    assert second.challenger_top5_error < 3 / 8 - 0.01
+    # The trained ensemble is better, in the mode it serves (`vgg-ray promote vgg-DE --mode
+    # dense` over a champion in place): it takes @champion, and the evidence names both.
+    trained = ensemble("models:/vgg-A/1", "models:/vgg-B/1", mode="dense")
+    capsys.readouterr()
+    code = main(["promote", "vgg-AB", "--mode", "dense", "--margin", "0.01", "--manifest", data,
+                 "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "8",
+                 "--tracking-uri", tracking_uri])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert champion() == trained
+    assert f"promoted vgg-AB version {trained} to champion" in out
     tags = client.get_model_version("vgg-AB", trained).tags
-    assert float(tags["promotion.challenger_top5_error"]) == pytest.approx(
-        second.challenger_top5_error, abs=1e-6)  # fmt: skip
+    assert tags["promotion.champion_version"] == fixed
+    assert float(tags["promotion.challenger_top5_error"]) < 3 / 8 - 0.01
     assert float(tags["promotion.champion_top5_error"]) == pytest.approx(3 / 8)
-    assert tags["promotion.protocol"].startswith("split=val mode=single scales=paper")
+    assert tags["promotion.protocol"].startswith("split=val mode=dense scales=paper")
+    assert tags["promotion.challenger_test_scales"] == "36,42,48"  # Table 4's three scales
     assert "images=24" in tags["promotion.protocol"]
     assert tags["promotion.manifest_sha256"] == manifest_sha256(data)
     challenger_run = client.get_model_version("vgg-AB", trained).run_id
@@ -297,15 +320,36 @@ def test_promotion_moves_champion_only_for_a_better_challenger(ray_cluster, trac
     assert tags["promotion.run_ids"] == f"challenger={challenger_run} champion={champion_run}"
     assert tags["promotion.margin"] == "0.01"
     assert "challenger" not in client.get_registered_model("vgg-AB").aliases
+    # The tables it printed are still there, under the home; MLflow holds them too, where the
+    # evidence says.
+    printed = _printed_tables(out)
+    assert len(printed) == 2 and printed[0] != printed[1]
+    for folder in printed:
+        assert folder.is_relative_to(default_home()) and (folder / "table.md").is_file()
+        assert "| dense | 36,42,48 |" in (folder / "table.md").read_text()
+    runs = dict(p.split("=") for p in tags["promotion.evaluation_runs"].split())
+    tables = dict(p.split("=") for p in tags["promotion.evaluation_tables"].split())
+    for who in ("challenger", "champion"):
+        assert tables[who].startswith("evaluation/") and tables[who].endswith("-val-dense")
+        listed = {a.path for a in client.list_artifacts(runs[who], tables[who])}
+        assert f"{tables[who]}/table.md" in listed
+        _assert_artifacts_beside_the_store(client, runs[who])
+    # It serves dense by default, as registered.
+    model = mlflow.pyfunc.load_model("models:/vgg-AB@champion")
+    image = np.random.default_rng(0).integers(0, 256, (44, 60, 3), dtype=np.uint8)
+    served = model.predict([image])
+    np.testing.assert_array_equal(served, model.predict([image], params={"mode": "dense"}))
+    assert not np.allclose(served, model.predict([image], params={"mode": "single"}))
 
     # A worse challenger is refused with the numbers; @champion stays.
-    worse = ensemble(str(nets["A0"]), str(nets["B0"]))
+    worse = ensemble(str(nets["A0"]), str(nets["B0"]))  # no member has a run: a new experiment
     third = _promote(tracking_uri, data)
-    assert not third.promoted and champion() == trained
+    assert not third.promoted and champion() == trained and third.champion == trained
     assert "refused" in third.summary() and "37.50%" in third.summary()
     tags = client.get_model_version("vgg-AB", worse).tags
     assert tags["promotion.decision"] == "refused"
-    assert client.get_model_version_by_alias("vgg-AB", "challenger").version == worse
+    assert str(client.get_model_version_by_alias("vgg-AB", "challenger").version) == worse
+    _assert_artifacts_beside_the_store(client, client.get_model_version("vgg-AB", worse).run_id)
 
     # Rollback: one command, back to the champion the trained ensemble replaced.
     assert rollback("vgg-AB", tracking_uri=tracking_uri) == (fixed, trained)
@@ -353,26 +397,6 @@ def test_bad_members_runs_and_aliases_are_clear_errors(tracking_uri, data, nets,
     assert main(["rollback", "vgg-Z", "--tracking-uri", tracking_uri]) == 2
     assert main(["register", "--run", "0123456789abcdef0123456789abcdef",
                  "--tracking-uri", tracking_uri]) == 2  # fmt: skip
-
-
-def test_the_embedded_default_sqlite_store_registers_and_serves_an_ensemble(nets, tmp_path):
-    """No server: the registry in a local SQLite file, artifacts in a local folder."""
-    import mlflow.pyfunc
-
-    from vgg_ray.registry import EnsembleConfig, register_ensemble
-
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    registered = register_ensemble(
-        EnsembleConfig(
-            members=(str(nets["A"]), str(nets["B"])), mode="dense", tracking_uri=tracking
-        )
-    )
-    assert registered.uri == "models:/vgg-AB/1"
-    model = mlflow.pyfunc.load_model("models:/vgg-AB@challenger")
-    image = np.random.default_rng(0).integers(0, 256, (44, 60, 3), dtype=np.uint8)
-    probs = model.predict([image])  # dense by default here
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    assert not np.allclose(probs, model.predict([image], params={"mode": "single"}))
 
 
 def test_the_gate_decides_on_top1_where_top5_cannot_separate():

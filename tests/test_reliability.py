@@ -377,11 +377,12 @@ def test_bad_records_are_skipped_and_counted_in_training(ray_cluster, manifest, 
 
     # A shard truncated while the run goes on stops it with one line naming it (and how to go
     # on), after its retries; `vgg-ray train` prints it as `vgg-ray train: error: ...`, exit 2.
-    shard = load_manifest(str(root)).shards("train")[1].path
+    # (a val shard, cut once the checkpoint of step 4 is whole: validation reads it after)
+    shard = load_manifest(str(root)).shards("val")[0].path
     data = (root / shard).read_bytes()
-    config = tiny(str(root), tmp_path, epochs=2, run_name="truncated", max_failures=0,
-                  checkpoint_every_steps=0)  # fmt: skip
-    when(checkpoint_exists(config, 1, 12), lambda: (root / shard).write_bytes(data[:-100]))
+    config = tiny(str(root), tmp_path, epochs=1, run_name="truncated", max_failures=0,
+                  checkpoint_every_steps=4)  # fmt: skip
+    when(checkpoint_exists(config, 0, 4), lambda: (root / shard).write_bytes(data[:-100]))
     with pytest.raises(ConfigError, match=rf"shard .*{shard} is .* bytes.*--resume"):
         train(config)
     # Truncated before the run starts: the driver's pre-flight names it, in seconds.

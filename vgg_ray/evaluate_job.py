@@ -20,14 +20,21 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vgg_ray.data import Manifest, epoch_order, load_manifest, read_records, shard_sizes
+from vgg_ray.data import (
+    Manifest,
+    check_shards,
+    epoch_order,
+    load_manifest,
+    read_records,
+    shard_sizes,
+)
 from vgg_ray.errors import ConfigError
 from vgg_ray.evaluate import (
     MODES,
@@ -120,6 +127,7 @@ class EvaluationResult:
     output: str  # the local folder holding the tables
     mlflow_runs: dict[str, str] = field(default_factory=dict)  # run id -> what was logged there
     skipped: int = 0  # records that did not decode
+    mlflow_tables: str = ""  # the artifact folder of this evaluation in each run, "" if unlogged
 
 
 # --- loading nets --------------------------------------------------------------------------
@@ -157,12 +165,15 @@ def _info_from_state(state: dict, source: str, run_id: str | None) -> NetInfo:
 
 
 def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
+    """A client pinned to `tracking_uri` for tracking and registry, also set for the fluent API:
+    `models:/` and `runs:/` downloads (`checkpoint.load_logged_state`) resolve through MLflow's
+    process-wide URIs, which may still name another store."""
+    from vgg_ray.tracking import open_client, use_store
 
-    from vgg_ray.tracking import check_reachable
-
-    check_reachable(tracking_uri)
-    return MlflowClient(tracking_uri)
+    client = open_client(tracking_uri)
+    if tracking_uri:
+        use_store(tracking_uri)
+    return client
 
 
 def _checkpoint_run(state: dict, tracking_uri: str) -> str | None:
@@ -267,7 +278,10 @@ def load_nets(config: EvaluateConfig) -> tuple[list[LoadedNet], Manifest]:
         raise ConfigError(f"no --manifest given and {config.models[0]} does not name the data "
                           "it was trained on")  # fmt: skip
     manifest = load_manifest(uri, s3_endpoint=config.s3_endpoint)
-    manifest.shards(config.split)  # an unknown or empty split fails here, before any work
+    shards = manifest.shards(config.split)  # an unknown or empty split fails here, before work
+    # The split's shards there, of their size and readable, before Ray starts: a truncated
+    # one is one line naming it, not a failed Ray Data task minutes in.
+    check_shards(dataclasses.replace(manifest, splits={config.split: shards}))
     # Names: the arch, made unique within the ensemble ("D", "E", "D#2").
     seen: dict[str, int] = {}
     for i, net in enumerate(nets):
@@ -402,10 +416,22 @@ def _write_tables(directory: Path, tally: Tally, results: list[ResultRow], manif
     )
 
 
+def tables_folder(config: EvaluateConfig, when: datetime) -> str:
+    """This evaluation's artifact folder in each run it logs to, e.g.
+    `evaluation/20250131T120000.123Z-val-single-dense`: a run evaluated again (another
+    protocol, a promotion) keeps every earlier table beside the new one."""
+    stamp = f"{when:%Y%m%dT%H%M%S}.{when.microsecond // 1000:03d}Z"
+    modes = "-".join(m.replace("+", "_") for m in config.modes)  # "+" is a space in a URL query
+    return f"evaluation/{stamp}-{config.split}-{modes}"
+
+
 def _log_mlflow(config: EvaluateConfig, nets: list[LoadedNet], tally: Tally,
-                results: list[ResultRow], manifest: Manifest) -> dict[str, str]:  # fmt: skip
+                results: list[ResultRow], manifest: Manifest,
+                folder: str) -> dict[str, str]:  # fmt: skip
     """Each net's own rows to its training run; ensemble rows and nets without a run to a new
-    `evaluate-*` run. Returns run id -> a note of what went there."""
+    `evaluate-*` run; the tables under `folder` in each. Returns run id -> what went there."""
+    from vgg_ray.tracking import experiment_id as named_experiment
+
     client = _client(config.tracking_uri)
     targets: dict[str, list[int]] = {}
     new_rows: list[int] = []
@@ -422,10 +448,8 @@ def _log_mlflow(config: EvaluateConfig, nets: list[LoadedNet], tally: Tally,
         first_run = next((n.info.run_id for n in nets if n.info.run_id), None)
         if first_run:
             experiment_id = client.get_run(first_run).info.experiment_id
-        if experiment_id is None:
-            found = client.get_experiment_by_name(config.experiment)
-            experiment_id = (found.experiment_id if found
-                             else client.create_experiment(config.experiment))  # fmt: skip
+        if experiment_id is None:  # on a local sqlite store, its artifacts beside the database
+            experiment_id = named_experiment(client, config.experiment)
         tags = {"vgg_ray.evaluate.members": " + ".join(n.info.source for n in nets)}
         for i, net in enumerate(nets):
             tags[f"member_{i}"] = net.info.source
@@ -451,10 +475,10 @@ def _log_mlflow(config: EvaluateConfig, nets: list[LoadedNet], tally: Tally,
         client.log_batch(run_id, metrics=list(unique.values()), synchronous=True)
         with tempfile.TemporaryDirectory() as directory:
             _write_tables(Path(directory), tally, results, manifest, indices)
-            client.log_artifacts(run_id, directory, "evaluation")
+            client.log_artifacts(run_id, directory, folder)
         if run_id not in (n.info.run_id for n in nets):
             client.set_terminated(run_id, "FINISHED")
-        notes[run_id] = f"{len(indices)} row(s)"
+        notes[run_id] = f"{len(indices)} row(s) in {folder}"
     return notes
 
 
@@ -483,18 +507,26 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
     if config.only_rows:
         keep = {(mode, tuple(scales)) for mode, scales in config.only_rows}
         rows = [row for row in rows if (row.mode, row.scales[0]) in keep]
-    tally, skipped, _ = run_inference(config, nets, rows, manifest)
+    try:
+        tally, skipped, _ = run_inference(config, nets, rows, manifest)
+    except Exception as error:  # a shard broken since the check, storage down past its limit
+        from vgg_ray.train import _user_error  # the ConfigError inside Ray's wrapping, if any
+
+        if cause := _user_error(error):
+            raise ConfigError(cause) from None
+        raise
     if tally.total == 0:
         raise ConfigError(f"no image of split {config.split!r} could be decoded")
     results = result_rows(tally, rows, infos)
     output = Path(config.output)
     _write_tables(output, tally, results, manifest, list(range(len(results))))
-    runs = _log_mlflow(config, nets, tally, results, manifest) if config.log_to_mlflow else {}
+    folder = tables_folder(config, datetime.now(UTC)) if config.log_to_mlflow else ""
+    runs = _log_mlflow(config, nets, tally, results, manifest, folder) if folder else {}
     print(table_markdown(results), flush=True)
     print(
         f"vgg-ray evaluate: tables in {output}"
         + (f"; {skipped} record(s) did not decode" if skipped else "")
-        + (f"; logged to MLflow run(s) {', '.join(runs)}" if runs else ""),
+        + (f"; logged to MLflow run(s) {', '.join(runs)} under {folder}/" if runs else ""),
         flush=True,
     )
-    return EvaluationResult(results, str(output), runs, skipped)
+    return EvaluationResult(results, str(output), runs, skipped, folder if runs else "")

@@ -30,7 +30,8 @@ from typing import Any
 
 from vgg_ray.errors import ConfigError
 from vgg_ray.evaluate import MODES, NetInfo, protocols
-from vgg_ray.tracking import check_reachable, configure_uploads, model_requirements
+from vgg_ray.tracking import check_reachable, configure_uploads, model_requirements, use_store
+from vgg_ray.tracking import experiment_id as named_experiment
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -41,6 +42,16 @@ ENSEMBLE_CODE = Path(__file__).with_name("ensemble_model.py")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Run metrics copied onto a net's version as `metric.<name>` tags.
 METRIC_PREFIXES = ("eval_", "val_", "best_val_")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_model_name(name: str) -> str:
+    """A registered-model name MLflow's URIs (`models:/<name>/<version>`) and our quoted search
+    filters can hold, or ConfigError; "" (the default name) passes."""
+    if name and not MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"registered model name {name!r} may hold only letters, digits, '-', "
+                          "'_' and '.', and must not start with '.'")  # fmt: skip
+    return name
 
 
 # --- configs and results ---------------------------------------------------------------------
@@ -115,7 +126,7 @@ class PromoteConfig:
 @dataclass(frozen=True)
 class Registered:
     name: str
-    version: str
+    version: str  # str on every store (the SQLite store's client returns int)
     run_id: str
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -130,7 +141,7 @@ class Decision:
 
     name: str
     promoted: bool
-    challenger: str  # version
+    challenger: str  # version, as str on every store (the SQLite store's client returns int)
     champion: str | None  # version before the decision, None if there was none
     challenger_top5_error: float
     champion_top5_error: float | None
@@ -164,7 +175,6 @@ class Decision:
 def _client(tracking_uri: str):
     """A client for `tracking_uri` ("" = the embedded default), also set for the fluent API
     (`log_model` and `register_model` use it)."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from vgg_ray.config import default_home
@@ -177,8 +187,7 @@ def _client(tracking_uri: str):
         raise ConfigError(f"the model registry needs a database store, not {uri}: use "
                           "sqlite:///path/mlflow.db or an mlflow server")  # fmt: skip
     check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    use_store(uri)
     return MlflowClient(uri, registry_uri=uri)
 
 
@@ -262,6 +271,7 @@ def register_runs(config: RegisterConfig) -> list[Registered]:
     import mlflow
     import mlflow.models
 
+    check_model_name(config.name)
     if not config.runs:
         raise ConfigError("no run given: pass --run <run id> (repeatable)")
     client = _client(config.tracking_uri)
@@ -301,7 +311,7 @@ def register_runs(config: RegisterConfig) -> list[Registered]:
         client.set_registered_model_alias(name, config.alias, version.version)
         print(f"vgg-ray register: {name} version {version.version} (@{config.alias}) from run "
               f"{run_id}", flush=True)  # fmt: skip
-        registered.append(Registered(name, version.version, run_id, tags))
+        registered.append(Registered(name, str(version.version), run_id, tags))
     return registered
 
 
@@ -407,6 +417,7 @@ def register_ensemble(config: EnsembleConfig) -> Registered:
 
     from vgg_ray.checkpoint import net_state, save_state
 
+    check_model_name(config.name)
     client = _client(config.tracking_uri)
     configure_uploads()
     members = [resolve_member(client, s, s3_endpoint=config.s3_endpoint) for s in config.members]
@@ -417,11 +428,8 @@ def register_ensemble(config: EnsembleConfig) -> Registered:
     first_run = next((m.run_id for m in members if m.run_id), None)
     if first_run:
         experiment_id = _run(client, first_run).info.experiment_id
-    else:
-        found = client.get_experiment_by_name(config.experiment)
-        experiment_id = (
-            found.experiment_id if found else client.create_experiment(config.experiment)
-        )
+    else:  # on a local sqlite store, its artifacts beside the database (not ./mlruns)
+        experiment_id = named_experiment(client, config.experiment)
     manifest = members[0].info.manifest
     tags = {
         KIND: "ensemble",
@@ -475,7 +483,7 @@ def register_ensemble(config: EnsembleConfig) -> Registered:
     client.set_registered_model_alias(name, config.alias, version.version)
     print(f"vgg-ray register-ensemble: {name} version {version.version} (@{config.alias}): "
           f"{label} from run {run_id}", flush=True)  # fmt: skip
-    return Registered(name, version.version, run_id, tags)
+    return Registered(name, str(version.version), run_id, tags)
 
 
 # --- promotion and rollback ------------------------------------------------------------------
@@ -499,8 +507,10 @@ def evaluation_sources(client, name: str, version, directory: Path) -> list[str]
             for m in flavor["config"]["members"]]  # fmt: skip
 
 
-def _evaluate_version(config: PromoteConfig, client, version, manifest: str, directory: Path):
-    """(the protocol's ResultRow, MLflow run ids the evaluation logged to) for one version."""
+def _evaluate_version(config: PromoteConfig, client, version, manifest: str, directory: Path,
+                      tables: Path):  # fmt: skip
+    """(the protocol's ResultRow, MLflow run ids the evaluation logged to, its artifact folder
+    there) for one version; the tables also in `tables`, an ensemble's weights in `directory`."""
     from vgg_ray.evaluate_job import EvaluateConfig, evaluate
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -512,10 +522,10 @@ def _evaluate_version(config: PromoteConfig, client, version, manifest: str, dir
         max_images=config.max_images, actors=config.actors,
         gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
         batch_size=config.batch_size, tracking_uri=client.tracking_uri,
-        log_to_mlflow=config.log_evaluations, output=str(directory / "tables"),
+        log_to_mlflow=config.log_evaluations, output=str(tables),
     ))  # fmt: skip
     # The last row: with the default scales, dense has Table 3's one-Q row, then Table 4's three.
-    return result.rows[-1], list(result.mlflow_runs)
+    return result.rows[-1], list(result.mlflow_runs), result.mlflow_tables
 
 
 def gate(ours, theirs, margin: float) -> tuple[bool, str]:
@@ -534,6 +544,7 @@ def promote(config: PromoteConfig) -> Decision:
     move @champion to the challenger only if its top-5 error is lower by more than the margin.
     The evidence goes onto the challenger version as `promotion.*` tags either way; a first
     champion is evaluated too (nothing is promoted without an evaluation)."""
+    check_model_name(config.name)
     if config.mode not in MODES:
         raise ConfigError(f"unknown mode {config.mode!r}; choose one of {', '.join(MODES)}")
     if config.margin < 0:
@@ -551,13 +562,22 @@ def promote(config: PromoteConfig) -> Decision:
         raise ConfigError(f"{name} version {challenger.version} names no training data: pass "
                           "--manifest (the held-out data to compare on)")  # fmt: skip
     sha = manifest_sha256(manifest, s3_endpoint=config.s3_endpoint)
+    # The tables stay (and are printed) under the home, as `vgg-ray evaluate` leaves them; only
+    # the ensembles' downloaded weights go with the temporary folder.
+    from vgg_ray.config import default_home
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tables = {v.version: default_home() / "evaluations" / f"{stamp}-promote-{name}-v{v.version}"
+              for v in (challenger, champion) if v is not None}  # fmt: skip
     with tempfile.TemporaryDirectory() as directory:
-        ours, our_runs = _evaluate_version(config, client, challenger, manifest,
-                                           Path(directory) / "challenger")  # fmt: skip
-        theirs, their_runs = (None, [])
+        ours, our_runs, our_tables = _evaluate_version(
+            config, client, challenger, manifest, Path(directory) / "challenger",
+            tables[challenger.version])  # fmt: skip
+        theirs, their_runs, their_tables = (None, [], "")
         if champion is not None:
-            theirs, their_runs = _evaluate_version(config, client, champion, manifest,
-                                                   Path(directory) / "champion")  # fmt: skip
+            theirs, their_runs, their_tables = _evaluate_version(
+                config, client, champion, manifest, Path(directory) / "champion",
+                tables[champion.version])  # fmt: skip
     better, measure = gate(ours, theirs, config.margin)
     scales = ",".join(map(str, config.scales)) or "paper defaults per net"
     tags = {
@@ -565,11 +585,11 @@ def promote(config: PromoteConfig) -> Decision:
         "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "promotion.protocol": f"split={config.split} mode={config.mode} scales={scales} "
                               f"images={ours.images} max_images={config.max_images}",
-        "promotion.challenger_version": challenger.version,
+        "promotion.challenger_version": str(challenger.version),
         "promotion.challenger_top5_error": f"{ours.top5_error:.6f}",
         "promotion.challenger_top1_error": f"{ours.top1_error:.6f}",
         "promotion.challenger_test_scales": ours.test_scales,
-        "promotion.champion_version": champion.version if champion else "none",
+        "promotion.champion_version": str(champion.version) if champion else "none",
         "promotion.champion_top5_error": f"{theirs.top5_error:.6f}" if theirs else "none",
         "promotion.champion_top1_error": f"{theirs.top1_error:.6f}" if theirs else "none",
         "promotion.champion_test_scales": theirs.test_scales if theirs else "none",
@@ -581,6 +601,8 @@ def promote(config: PromoteConfig) -> Decision:
                              f"champion={(champion.run_id or '') if champion else 'none'}",
         "promotion.evaluation_runs": f"challenger={','.join(our_runs)} "
                                      f"champion={','.join(their_runs) or 'none'}",
+        "promotion.evaluation_tables": f"challenger={our_tables or 'none'} "
+                                       f"champion={their_tables or 'none'}",
     }  # fmt: skip
     for key, value in tags.items():
         client.set_model_version_tag(name, challenger.version, key, value)
@@ -590,7 +612,7 @@ def promote(config: PromoteConfig) -> Decision:
         client.set_registered_model_alias(name, CHAMPION, challenger.version)
         client.delete_registered_model_alias(name, CHALLENGER)
     decision = Decision(
-        name, better, challenger.version, champion.version if champion else None,
+        name, better, str(challenger.version), str(champion.version) if champion else None,
         ours.top5_error, theirs.top5_error if theirs else None, tags,
     )  # fmt: skip
     print(f"vgg-ray promote: {decision.summary()}", flush=True)
@@ -613,6 +635,7 @@ def _history(client, name: str) -> list[str]:
 def rollback(name: str, *, tracking_uri: str = "") -> tuple[str, str | None]:
     """Move @champion back to the version it replaced; returns (now champion, was champion).
     Repeatable: each call goes one promotion further back."""
+    check_model_name(name)
     client = _client(tracking_uri)
     try:
         aliases = client.get_registered_model(name).aliases
@@ -622,6 +645,7 @@ def rollback(name: str, *, tracking_uri: str = "") -> tuple[str, str | None]:
     if not history:
         raise ConfigError(f"{name} has no previous {CHAMPION} to roll back to")
     previous, current = history.pop(), aliases.get(CHAMPION)
+    current = None if current is None else str(current)  # int on the SQLite store
     try:
         client.get_model_version(name, previous)
     except Exception:

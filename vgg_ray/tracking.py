@@ -64,6 +64,15 @@ def open_client(tracking_uri: str):
     return MlflowClient(tracking_uri, registry_uri=tracking_uri)
 
 
+def use_store(tracking_uri: str) -> None:
+    """Point MLflow's process-wide URIs (tracking and registry) at one store: `models:/` and
+    `runs:/` downloads resolve through them, whatever client a caller holds."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+
+
 def experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created if missing. On a local sqlite:/// store its
     artifacts go beside the database (<folder>/mlartifacts), not into ./mlruns of whatever

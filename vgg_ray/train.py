@@ -39,6 +39,7 @@ from vgg_ray.tracking import (
     experiment_id,
     log_net,
     open_client,
+    use_store,
 )
 
 log = logging.getLogger("vgg_ray.train")
@@ -120,7 +121,7 @@ def check_init(config: TrainConfig, classes: int) -> None:
     if config.init in INITS or key in _FITTING_INITS:
         return
     if config.init.startswith(("models:/", "runs:/")) and config.tracking_uri:
-        _use_store(config.tracking_uri)  # resolved in the run's store, as the workers do
+        use_store(config.tracking_uri)  # resolved in the run's store, as the workers do
     with torch.device("meta"):
         model = build_vgg(config.arch, classes, config.width, "glorot", config.dropout,
                           config.batch_norm)  # fmt: skip
@@ -156,15 +157,6 @@ def registered_net_a(config: TrainConfig) -> str | None:
               flush=True)  # fmt: skip
         return None
     return NET_A
-
-
-def _use_store(tracking_uri: str) -> None:
-    """Point MLflow's process-wide URIs (tracking and registry) at one store: where `models:/`
-    and `runs:/` URIs are resolved."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
 
 
 def _conv_layers(model: torch.nn.Module) -> int:
@@ -228,7 +220,7 @@ class Worker:
                 unsent = state.get("unsent_metrics", [])
         else:
             if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
-                _use_store(loop_config["tracking_uri"])
+                use_store(loop_config["tracking_uri"])
             _initial_weights(model, config)
         self.model = parallelize(model, self.device, channels_last=self.channels_last,
                                  compile=config.compile)  # fmt: skip
