@@ -91,15 +91,13 @@ def mlflow_server(s3, tmp_path_factory) -> str:
     import sys
 
     from vgg_ray.stack import _wait_http
+    from vgg_ray.tracking import server_environment
 
     root = tmp_path_factory.mktemp("mlflow-server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # No job runner: its seven worker processes (for GenAI jobs these tests never start) cost
-    # about 30 CPU-seconds at every start.
-    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3.endpoint,
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # fmt: skip
+    env = server_environment(MLFLOW_S3_ENDPOINT_URL=s3.endpoint)
     log = root / "server.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(

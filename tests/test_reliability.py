@@ -40,6 +40,7 @@ from vgg_ray.cli import main
 from vgg_ray.config import TrainConfig, demo
 from vgg_ray.data import load_manifest, read_records, shard_sizes, verify_shards
 from vgg_ray.errors import ConfigError
+from vgg_ray.tracking import server_environment
 
 OUTAGE_LIMIT_S = 10  # storage reads give up after ~7.5 s of backoff (0.5 + 1 + 2 + 4)
 BIN = Path(sys.executable).parent
@@ -176,6 +177,7 @@ class MlflowServer:
         ]  # fmt: skip
         log = open(self.root / "server.log", "a")  # noqa: SIM115 (the server holds it)
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        env=server_environment(),
                                         start_new_session=True)  # fmt: skip
         import urllib.request
 
@@ -343,6 +345,26 @@ def test_a_damaged_or_incomplete_checkpoint_is_refused_naming_its_file(tmp_path)
     (tmp_path / ckpt.DIGEST_FILE).unlink()  # a save that never finished
     with pytest.raises(ConfigError, match="is incomplete: it has no state.sha256"):
         ckpt.load_state(tmp_path)
+
+
+def test_the_newest_intact_checkpoint_is_found_past_damaged_ones(tmp_path):
+    """What a resume continues from (checked on the driver) and a restarted worker loads."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    names = ["epoch-0001-step-00000006", "epoch-0002-step-00000008", "epoch-0002-step-00000012"]
+    for step, name in enumerate(names):
+        ckpt.save_state(tmp_path / name, {"loop": {"step": step}})
+    local = pyarrow.fs.LocalFileSystem()
+    assert ckpt.newest_intact(local, str(tmp_path)) == names[-1]
+    (tmp_path / names[-1] / ckpt.STATE_FILE).write_bytes(b"\0" * 64)  # damaged
+    (tmp_path / names[1] / ckpt.DIGEST_FILE).unlink()  # incomplete
+    assert ckpt.newest_intact(local, str(tmp_path)) == names[0]
+    latest = Checkpoint(str(tmp_path / names[-1]), local)
+    assert ckpt.load_newest_intact(latest)["loop"]["step"] == 0
+    (tmp_path / names[0] / ckpt.STATE_FILE).write_bytes(b"\0" * 64)
+    with pytest.raises(ConfigError, match=f"{names[0]}.*damaged.*{ckpt.NOTHING_INTACT}"):
+        ckpt.newest_intact(local, str(tmp_path))
 
 
 def test_tracker_reports_what_it_could_not_send(tmp_path):

@@ -97,6 +97,22 @@ def test_two_workers_train_and_the_run_is_tracked(ray_cluster, manifest, tmp_pat
     assert state["loop"]["epoch"] == 4 and len(state["loop"]["history"]) == 4
 
 
+def test_a_local_ray_finds_itself_not_another_instance(ray_cluster):
+    """Ray Train's placement-group cleaner looks its cluster up by the address record of the
+    temp folder it inherits; with other Ray instances on the machine it must find ours, or it
+    removes the run's placement group (vgg_ray.runtime.start_local)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def the_cluster_a_task_finds() -> str:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        return canonicalize_bootstrap_address_or_die(None)
+
+    own = ray.get_runtime_context().gcs_address
+    assert ray.get(the_cluster_a_task_finds.remote()) == own
+
+
 def test_one_and_two_workers_take_the_same_global_steps(ray_cluster, manifest, tmp_path):
     from vgg_ray.train import train
 
@@ -144,9 +160,10 @@ def test_resume_continues_at_the_right_epoch_and_step(ray_cluster, manifest, tmp
     client = MlflowClient(config.tracking_uri)
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
 
-    # Nothing intact left: one line naming the file, and the finished run stays FINISHED.
+    # Nothing intact left: one line on the driver (no cluster time), naming a damaged file and
+    # what to do instead, and the finished run stays FINISHED.
     for folder in Path(third.checkpoint_path).glob("epoch-*"):
         (folder / ckpt.STATE_FILE).write_bytes(b"\0" * 100)
-    with pytest.raises(ConfigError, match="damaged.*no earlier checkpoint of the run verifies"):
-        train(replace(config, epochs=2, max_failures=0), resume=True)
+    with pytest.raises(ConfigError, match=r"damaged.*no checkpoint of the run verifies: start a"):
+        train(replace(config, epochs=2), resume=True)
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,35 +98,59 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
         raise ConfigError(f"cannot load checkpoint {path}: {why}") from error
 
 
+# A resume or restart with nothing intact left says this (and the driver, what to do instead).
+NOTHING_INTACT = "no checkpoint of the run verifies"
+
+
+def _newest_first(filesystem: Any, run_folder: str, *, before: str | None = None) -> list[str]:
+    """The run's checkpoint folders, newest first (optionally only those older than `before`).
+    Names are epoch-EEEE-step-SSSSSSSS[-suffix]: sorted by name is sorted by progress."""
+    import pyarrow.fs
+
+    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(run_folder, allow_not_found=True))
+    folders = [e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory]
+    names = [n for n in folders if n.startswith("epoch-") and (before is None or n < before)]
+    return sorted(names, reverse=True)
+
+
+def _first_intact(
+    filesystem: Any, run_folder: str, names: list[str], read: Callable[[str], Any]
+) -> tuple[str, Any]:
+    """(name, `read(its local folder)`) of the first of `names` that verifies, naming in the
+    log each one it skips."""
+    from ray.train import Checkpoint
+
+    skipped: tuple[str, ConfigError] | None = None
+    for name in names:
+        if skipped:
+            log.warning("skipping checkpoint %s: %s", *skipped)
+        try:
+            with Checkpoint(f"{run_folder}/{name}", filesystem).as_directory() as directory:
+                result = read(directory)
+        except ConfigError as error:
+            skipped = (name, error)
+            continue
+        if skipped:
+            log.warning("continuing from the earlier checkpoint %s", name)
+        return name, result
+    raise ConfigError(f"{skipped[1]}; {NOTHING_INTACT}" if skipped else
+                      f"{run_folder} holds no checkpoint; {NOTHING_INTACT}")  # fmt: skip
+
+
 def load_newest_intact(checkpoint: Any) -> dict[str, Any]:
     """The state of `checkpoint` (a ray.train.Checkpoint) or, where it does not verify, of the
     newest earlier checkpoint of the same run that does: a damaged latest checkpoint costs the
-    steps since the one before it, not the run. Each one skipped is named in the log."""
-    import pyarrow.fs
-    from ray.train import Checkpoint
+    steps since the one before it, not the run."""
+    run_folder, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    earlier = _newest_first(checkpoint.filesystem, run_folder, before=name)
+    return _first_intact(checkpoint.filesystem, run_folder, [name, *earlier], load_state)[1]
 
-    try:
-        with checkpoint.as_directory() as directory:
-            return load_state(directory)
-    except ConfigError as error:
-        problem = error
-    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    entries = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    # Names are epoch-EEEE-step-SSSSSSSS[-suffix]: sorted by name is sorted by progress.
-    earlier = sorted((e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
-                      and e.base_name.startswith("epoch-") and e.base_name < name),
-                     reverse=True)  # fmt: skip
-    for candidate in earlier:
-        log.warning("skipping checkpoint %s: %s", name, problem)
-        try:
-            with Checkpoint(f"{parent}/{candidate}", checkpoint.filesystem).as_directory() as d:
-                state = load_state(d)
-        except ConfigError as error:
-            name, problem = candidate, error
-            continue
-        log.warning("continuing from the earlier checkpoint %s", candidate)
-        return state
-    raise ConfigError(f"{problem}; no earlier checkpoint of the run verifies")
+
+def newest_intact(filesystem: Any, run_folder: str) -> str:
+    """The name of the newest checkpoint in `run_folder` that verifies (what a resume will
+    continue from), or ConfigError ending in NOTHING_INTACT: the driver's check before a
+    resume, so a run with nothing intact is not retried `max_failures` times on the cluster."""
+    return _first_intact(filesystem, run_folder, _newest_first(filesystem, run_folder), verify)[0]
 
 
 def rng_state() -> dict[str, Any]:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from vgg_ray.config import default_home
 from vgg_ray.errors import ConfigError
+from vgg_ray.tracking import server_environment
 
 MARKER = "VGG_RAY_STACK"
 STATE_FILE = "stack.json"
@@ -280,7 +281,7 @@ def up(config: StackConfig | None = None) -> Stack:
         _wait_http("S3 (moto)", f"{s3}/moto-api/", pids["s3"], logs / "s3.log", config.timeout_s)
         _create_bucket(s3, config.bucket)
 
-        mlflow_env = dict(base, MLFLOW_S3_ENDPOINT_URL=s3)
+        mlflow_env = {**base, **server_environment(MLFLOW_S3_ENDPOINT_URL=s3)}
         pids["mlflow"] = _spawn(
             "mlflow",
             [

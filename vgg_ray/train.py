@@ -450,6 +450,23 @@ def _storage(config: TrainConfig):
     return None, str(path)
 
 
+def _check_resumable(config: TrainConfig) -> None:
+    """Before a resume reaches the cluster: the run has a checkpoint that verifies (the one
+    the workers will continue from, damaged newer ones named and skipped)."""
+    import pyarrow.fs
+
+    filesystem, path = _storage(config)
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    try:
+        ckpt.newest_intact(filesystem, f"{path.rstrip('/')}/{config.run_name}")
+    except ConfigError as error:
+        raise ConfigError(f"cannot resume run {config.run_name!r}: {error}: {NO_RESUME}") from None
+
+
+NO_RESUME = ("start a new run (another --run-name), with --init from a checkpoint you trust to "
+             "keep its weights")  # fmt: skip
+
+
 def _drop_if_no_checkpoint(config: TrainConfig) -> bool:
     """Remove the folder of a run that failed before its first checkpoint (it holds nothing
     to resume, and would block the run's name); True if it did."""
@@ -617,6 +634,8 @@ def train(
         )
     if resume and not exists:
         raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
+    if resume:
+        _check_resumable(config)
     if note := init_note(config):
         print(f"vgg-ray: {note}", flush=True)
     run_id = _mlflow_run(config, resume=resume, tags=tags or {})
@@ -643,7 +662,9 @@ def train(
             f"run {config.run_name!r} stopped at its latest checkpoint: once fixed, continue "
             f"it with --resume --run-name {config.run_name}"
         )
-        if not resume and _drop_if_no_checkpoint(config):
+        if ckpt.NOTHING_INTACT in str(_user_error(error)):
+            how_to_go_on = NO_RESUME
+        elif not resume and _drop_if_no_checkpoint(config):
             how_to_go_on = (f"run {config.run_name!r} stopped before its first checkpoint, so "
                             "there is nothing to resume: once fixed, start it again")  # fmt: skip
         if cause := _user_error(error):  # a bad shard, storage down past its limit, ...

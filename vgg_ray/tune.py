@@ -56,7 +56,7 @@ from vgg_ray.config import (
 )
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import SCHEDULES
-from vgg_ray.tracking import DIVERGED_TAG
+from vgg_ray.tracking import DIVERGED_TAG, server_environment
 
 log = logging.getLogger("vgg_ray.tune")
 SCHEDULERS = ("asha", "pbt")
@@ -439,8 +439,8 @@ def mlflow_server(
     ]  # fmt: skip
     with open(log_path, "ab") as output:
         server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True,
-                                  preexec_fn=_die_with_parent)  # fmt: skip
+                                  stderr=subprocess.STDOUT, env=server_environment(),
+                                  start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
