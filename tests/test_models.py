@@ -7,13 +7,13 @@ from torch import nn
 
 from vgg_ray.cli import main
 from vgg_ray.errors import ConfigError
+from vgg_ray.evaluate import DenseNet
 from vgg_ray.models import (
     CONFIGS,
     TORCHVISION_NAMES,
     build_vgg,
     init_from_shallow,
     summarize,
-    to_fully_convolutional,
 )
 
 # PAPER.md, Table 2: exact parameter counts at 1000 classes.
@@ -107,7 +107,7 @@ def test_inits_draw_the_documented_weights_and_zero_biases(init):
 def test_dense_form_equals_the_net_at_224_and_gives_a_score_map_at_384():
     torch.manual_seed(0)
     model = build_vgg("D", num_classes=5, width=1 / 16, init="glorot").eval()
-    dense = to_fully_convolutional(model).eval()
+    dense = DenseNet(model, 224).eval()
     with torch.no_grad():
         image = torch.randn(2, 3, 224, 224)
         torch.testing.assert_close(dense(image).flatten(1), model(image), rtol=1e-4, atol=1e-5)
@@ -117,7 +117,7 @@ def test_dense_form_equals_the_net_at_224_and_gives_a_score_map_at_384():
 
 def test_dense_form_shares_weights_with_the_net():
     model = build_vgg("A", num_classes=3, width=1 / 16)
-    dense = to_fully_convolutional(model)
+    dense = DenseNet(model, 224)
     with torch.no_grad():
         model.classifier[6].bias.fill_(7.0)
     assert dense.classifier[6].bias[0].item() == 7.0
@@ -125,7 +125,7 @@ def test_dense_form_shares_weights_with_the_net():
 
 
 def test_dense_form_rejects_inputs_below_224():
-    dense = to_fully_convolutional(build_vgg("A", num_classes=3, width=1 / 16))
+    dense = DenseNet(build_vgg("A", num_classes=3, width=1 / 16), 224)
     with pytest.raises(ValueError, match="at least 224"):
         dense(torch.randn(1, 3, 128, 128))
 

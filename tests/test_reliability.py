@@ -389,7 +389,7 @@ def test_tracker_reports_what_it_could_not_send(tmp_path):
 
 @pytest.mark.slow
 def test_bad_records_are_skipped_and_counted_in_training(ray_cluster, manifest, tmp_path):
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     root, _ = _with_bad_records(manifest, tmp_path / "bad")
     summary = train(tiny(str(root), tmp_path, epochs=1, checkpoint_every_steps=0))
@@ -415,7 +415,7 @@ def test_bad_records_are_skipped_and_counted_in_training(ray_cluster, manifest, 
 
 def test_a_run_folder_without_checkpoints_is_dropped_one_with_them_kept(tmp_path):
     """What a run that failed before its first checkpoint leaves: nothing to block its name."""
-    from vgg_ray.train import _drop_if_no_checkpoint
+    from vgg_ray.train_job import _drop_if_no_checkpoint
 
     config = TrainConfig(storage_path=str(tmp_path), run_name="early")
     (tmp_path / "early").mkdir()
@@ -435,7 +435,7 @@ def test_a_diverging_run_stops_at_once_keeping_its_last_good_weights(ray_cluster
     the same way, and its checkpoint holds the weights from before the streak."""
     from mlflow.tracking import MlflowClient
 
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     config = tiny(manifest, tmp_path, workers=2, epochs=1, lr=1e8, max_nonfinite_steps=3,
                   checkpoint_every_steps=0, max_failures=3)  # fmt: skip
@@ -471,7 +471,7 @@ def test_worker_killed_twice_mid_epoch_resumes_and_matches(ray_cluster, manifest
     exactly where an uninterrupted run with the same seed ends."""
     from mlflow.tracking import MlflowClient
 
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     baseline = train(tiny(manifest, tmp_path / "baseline", workers=2, checkpoint_every_steps=4))
 
@@ -517,7 +517,7 @@ def test_worker_killed_twice_mid_epoch_resumes_and_matches(ray_cluster, manifest
 
 @pytest.mark.slow
 def test_s3_outage_is_waited_out_or_fails_clearly_and_resumes(ray_cluster, s3, tmp_path):
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     direct = prepare_tree(tmp_path, s3.uri("outage"), s3_endpoint=s3.endpoint)
     proxy = Proxy(int(s3.endpoint.rsplit(":", 1)[1]))
@@ -558,7 +558,7 @@ def test_mlflow_outage_metrics_arrive_when_it_is_back(ray_cluster, manifest, tmp
     last checkpoint carries what is unsent and the driver delivers it before FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     server = MlflowServer(tmp_path)
     server.start()

@@ -179,7 +179,7 @@ def test_a_reduced_chain_runs_resumes_and_reports(ray_cluster, tmp_path, monkeyp
     # 5. Net A in the registry: the paper profile of a deep net starts from it where it fits.
     from vgg_ray.cli import build_parser, train_config
     from vgg_ray.registry import RegisterConfig, register_runs
-    from vgg_ray.train import NET_A
+    from vgg_ray.train_job import NET_A
 
     (net_a,) = register_runs(RegisterConfig(runs=(a_run.info.run_id,), tracking_uri=tracking))
     client.set_registered_model_alias("vgg-A", "champion", net_a.version)

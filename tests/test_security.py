@@ -96,7 +96,7 @@ def test_no_credential_in_mlflow_logs_or_checkpoints(ray_cluster, s3, tmp_path, 
     from vgg_ray.demo import make_demo_tree
     from vgg_ray.evaluate_job import load_net
     from vgg_ray.prepare import PrepareConfig, prepare
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]]
     assert all(len(s) >= 16 for s in secrets)

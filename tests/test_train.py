@@ -52,7 +52,7 @@ def _worker_environments(found: dict[int, bytes], watching: threading.Event) -> 
 def test_two_workers_train_and_the_run_is_tracked(ray_cluster, manifest, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     config = tiny(manifest, tmp_path, workers=2, epochs=4)
     environments: dict[int, bytes] = {}
@@ -114,7 +114,7 @@ def test_a_local_ray_finds_itself_not_another_instance(ray_cluster):
 
 
 def test_one_and_two_workers_take_the_same_global_steps(ray_cluster, manifest, tmp_path):
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     results = {}
     for workers in (1, 2):
@@ -130,7 +130,7 @@ def test_one_and_two_workers_take_the_same_global_steps(ray_cluster, manifest, t
 
 def test_resume_continues_at_the_right_epoch_and_step(ray_cluster, manifest, tmp_path, capfd):
     from vgg_ray.errors import ConfigError
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     config = tiny(manifest, tmp_path, epochs=1, checkpoint_every_steps=4)
     first = train(config)

@@ -11,7 +11,7 @@ from vgg_ray.cli import main
 from vgg_ray.config import TrainConfig, demo, paper
 from vgg_ray.models import build_vgg
 from vgg_ray.steps import topk_correct, train_step
-from vgg_ray.train import _initial_weights
+from vgg_ray.train import initial_weights
 
 
 def test_paper_profile_is_the_papers_recipe():
@@ -68,7 +68,7 @@ def test_init_from_a_trained_net_a_checkpoint_copies_the_seven_layers(tmp_path):
                                "model": trained_a.state_dict()})  # fmt: skip
     deep = build_vgg("E", num_classes=4, width=1 / 16)
     config = replace(demo("E"), init=str(tmp_path))
-    copied = _initial_weights(deep, config)
+    copied = initial_weights(deep, config)
     assert len(copied) == 7
     assert torch.equal(deep.features[0].weight, trained_a.features[0].weight)
     assert torch.equal(deep.classifier[6].weight, trained_a.classifier[6].weight)
@@ -80,7 +80,7 @@ def test_init_from_a_torchvision_state_dict_loads_every_tensor(tmp_path):
     reference = torchvision.models.vgg11(num_classes=4)
     torch.save(reference.state_dict(), tmp_path / "vgg11.pth")
     model = build_vgg("A", num_classes=4)
-    _initial_weights(model, replace(demo("A"), init=str(tmp_path / "vgg11.pth"), width=1.0))
+    initial_weights(model, replace(demo("A"), init=str(tmp_path / "vgg11.pth"), width=1.0))
     assert torch.equal(model.classifier[3].weight, reference.classifier[3].weight)
 
 
@@ -93,7 +93,7 @@ def test_a_torchvision_bn_file_of_1000_classes_fine_tunes_onto_fewer(tmp_path):
     model = build_vgg("A", num_classes=10, batch_norm=True)
     head = model.classifier[6].weight.clone()
     config = replace(demo("A"), init=str(tmp_path / "vgg11_bn.pth"), width=1.0, batch_norm=True)
-    _initial_weights(model, config)
+    initial_weights(model, config)
     assert torch.equal(model.features[1].running_var, reference.features[1].running_var)
     assert torch.equal(model.classifier[3].weight, reference.classifier[3].weight)
     assert torch.equal(model.classifier[6].weight, head)  # the new class scores stay random
@@ -105,7 +105,7 @@ def test_init_with_weights_of_another_shape_is_a_clear_error(tmp_path):
     ckpt.save_state(tmp_path, {"arch": "B", "width": 1 / 8, "classes": list("abcd"),
                                "model": build_vgg("B", 4, 1 / 8).state_dict()})  # fmt: skip
     with pytest.raises(ConfigError, match="do not fit net B"):
-        _initial_weights(build_vgg("B", 4, 1 / 16), replace(demo("B"), init=str(tmp_path)))
+        initial_weights(build_vgg("B", 4, 1 / 16), replace(demo("B"), init=str(tmp_path)))
 
 
 def test_topk_counts():

@@ -288,7 +288,7 @@ def _paper_net_a(config):
     """The paper's init of a deep net (Sect. 3.1), where a trained net A is registered."""
     from dataclasses import replace
 
-    from vgg_ray.train import registered_net_a
+    from vgg_ray.train_job import registered_net_a
 
     if source := registered_net_a(config):
         print(
@@ -301,7 +301,7 @@ def _paper_net_a(config):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from vgg_ray.train import train
+    from vgg_ray.train_job import train
 
     train(train_config(args), resume=args.resume)
 

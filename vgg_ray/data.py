@@ -189,10 +189,6 @@ class Manifest:
         return sum(shard.rows for shard in self.shards(split))
 
 
-def num_classes(manifest: Manifest) -> int:
-    return len(manifest.classes)
-
-
 def shard_sizes(manifest: Manifest) -> dict[str, int]:
     """Shard path -> size in bytes, for the shards whose size the manifest records."""
     return {s.path: s.bytes for shards in manifest.splits.values() for s in shards if s.bytes}
@@ -301,7 +297,8 @@ def _check_shard_path(path: str) -> None:
         raise ValueError(f"shard path {path!r} leaves the manifest's folder")
 
 
-def _manifest_uri(uri: str) -> str:
+def manifest_file_uri(uri: str) -> str:
+    """The manifest.json a data set URI names (the file itself, or the folder holding it)."""
     return uri if uri.endswith(".json") else uri.rstrip("/") + "/" + MANIFEST_NAME
 
 
@@ -312,7 +309,7 @@ def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> Manifest:
     from vgg_ray.prepare import read_manifest
 
     raw = read_manifest(uri, s3_endpoint=s3_endpoint)  # JSON of the right format, or ConfigError
-    uri = _manifest_uri(uri)
+    uri = manifest_file_uri(uri)
     _, path = open_storage(uri, s3_endpoint=s3_endpoint)
     try:
         classes = sorted(raw["classes"], key=lambda c: c["index"])

@@ -15,7 +15,7 @@ Geometry, relative to the crop size c a net was trained on (224 in the paper, 32
   `AdaptiveAvgPool2d` maps linearly to 7x7. FC1 o avgpool is therefore one conv with a c/32
   kernel (FC1's 7x7 kernel composed with the pooling matrix), exact for any c that is a multiple
   of 32; at c = 224 the pooling is the identity and this is the paper's 7x7 conv
-  (`vgg_ray.models.DenseVGG`). FC2 and FC3 are 1x1 convs;
+  (`DenseNet`). FC2 and FC3 are 1x1 convs;
 - dense+multicrop: the mean of the two soft-maxes; several scales: the mean over scales; an
   ensemble: the mean over its nets (each with its own crop, normalisation and scales).
 

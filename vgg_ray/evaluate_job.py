@@ -15,8 +15,6 @@ batch size and actor count.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vgg_ray import tracking
 from vgg_ray.data import (
     Manifest,
     check_shards,
@@ -35,7 +34,7 @@ from vgg_ray.data import (
     read_records,
     shard_sizes,
 )
-from vgg_ray.errors import ConfigError
+from vgg_ray.errors import ConfigError, user_error
 from vgg_ray.evaluate import (
     MODES,
     Evaluator,
@@ -51,8 +50,6 @@ from vgg_ray.evaluate import (
 )
 from vgg_ray.models import VGG
 from vgg_ray.transforms import ColorStats, decode_cpu, decode_gpu
-
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +146,7 @@ def _stats(values: dict | None) -> ColorStats | None:
     )
 
 
-def _info_from_state(state: dict, source: str, run_id: str | None) -> NetInfo:
+def info_from_state(state: dict, source: str, run_id: str | None) -> NetInfo:
     data = state.get("config", {}).get("data", {})
     return NetInfo(
         name=state["arch"],
@@ -203,7 +200,7 @@ def _mlflow_model(uri: str, run, source: str) -> LoadedNet:
     from vgg_ray.checkpoint import load_logged_state, model_from_state
 
     state = load_logged_state(uri)
-    info = _info_from_state(state, source, run.info.run_id if run is not None else None)
+    info = info_from_state(state, source, run.info.run_id if run is not None else None)
     return LoadedNet(model_from_state(state).eval(), info)
 
 
@@ -228,7 +225,7 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
     run_id, path = None, ""
     if source.startswith("runs:/"):
         run_id, _, path = source.removeprefix("runs:/").partition("/")
-    elif RUN_ID.match(source) and not Path(source).exists():
+    elif tracking.RUN_ID.match(source) and not Path(source).exists():
         run_id = source
     if run_id is None:  # a checkpoint
         model, state = load_trained(source, s3_endpoint=s3_endpoint)
@@ -236,7 +233,7 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
             raise ConfigError(f"{source} carries no net description (arch, classes): evaluate a "
                               "vgg-ray checkpoint, run or registered model")  # fmt: skip
         return LoadedNet(
-            model.eval(), _info_from_state(state, source, _checkpoint_run(state, tracking_uri))
+            model.eval(), info_from_state(state, source, _checkpoint_run(state, tracking_uri))
         )
     client = _client(tracking_uri)
     try:
@@ -248,7 +245,7 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
     if not path and checkpoint:  # the full state: carries the data statistics too
         model, state = load_trained(checkpoint, s3_endpoint=s3_endpoint)
         if model is not None:
-            return LoadedNet(model.eval(), _info_from_state(state, source, run_id))
+            return LoadedNet(model.eval(), info_from_state(state, source, run_id))
     return _mlflow_model(f"runs:/{run_id}/{path or 'model'}", run, source)
 
 
@@ -485,12 +482,12 @@ def _log_mlflow(config: EvaluateConfig, nets: list[LoadedNet], tally: Tally,
 def resolve(config: EvaluateConfig) -> EvaluateConfig:
     """Fill the embedded defaults: tracking URI and output folder."""
     from vgg_ray.config import default_home
+    from vgg_ray.tracking import resolve_uri
 
-    home = default_home()
-    tracking = (config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{home / 'mlflow.db'}")  # fmt: skip
-    output = config.output or str(home / "evaluations" / f"{datetime.now():%Y%m%d-%H%M%S}")
-    return dataclasses.replace(config, tracking_uri=tracking, output=output)
+    output = config.output or str(
+        default_home() / "evaluations" / f"{datetime.now():%Y%m%d-%H%M%S}"
+    )
+    return dataclasses.replace(config, tracking_uri=resolve_uri(config.tracking_uri), output=output)
 
 
 def evaluate(config: EvaluateConfig) -> EvaluationResult:
@@ -510,9 +507,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationResult:
     try:
         tally, skipped, _ = run_inference(config, nets, rows, manifest)
     except Exception as error:  # a shard broken since the check, storage down past its limit
-        from vgg_ray.train import _user_error  # the ConfigError inside Ray's wrapping, if any
-
-        if cause := _user_error(error):
+        if cause := user_error(error):  # the ConfigError inside Ray's wrapping, if any
             raise ConfigError(cause) from None
         raise
     if tally.total == 0:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vgg_ray.errors import ConfigError
@@ -158,45 +157,6 @@ def build_vgg(
     model = VGG(make_layers(CONFIGS[name], width, batch_norm), num_classes, width, dropout)
     init_weights(model, init)
     return model
-
-
-class DenseVGG(nn.Module):
-    """The paper's dense form (Sect. 3.2): FC1 as a 7x7 conv, FC2 and FC3 as 1x1 convs.
-
-    It holds the very modules of the net it was made from, so the weights are shared, not copied:
-    the FC weights are only viewed as conv kernels in `forward`. Returns the class score map
-    (N, classes, h, w); at a 224 input h = w = 1 and the scores equal the net's logits.
-    """
-
-    def __init__(self, model: VGG):
-        super().__init__()
-        self.features = model.features
-        self.classifier = model.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        if x.shape[-2] < POOLED or x.shape[-1] < POOLED:
-            raise ValueError(
-                f"dense evaluation needs inputs of at least {32 * POOLED} px per side; "
-                f"got {tuple(x.shape[-2:])} feature maps from the conv stack"
-            )
-        for module in self.classifier:
-            if isinstance(module, nn.Linear):
-                in_channels = x.shape[1]
-                kernel = module.weight.view(module.out_features, in_channels, -1)
-                side = round(kernel.shape[-1] ** 0.5)
-                kernel = kernel.view(module.out_features, in_channels, side, side)
-                x = F.conv2d(x, kernel, module.bias)
-            else:
-                x = module(x)
-        return x
-
-
-def to_fully_convolutional(model: VGG) -> DenseVGG:
-    """The dense (fully convolutional) form of `model`, sharing its weights."""
-    if not isinstance(model, VGG):
-        raise ConfigError(f"to_fully_convolutional needs a VGG from build_vgg, got {type(model)}")
-    return DenseVGG(model)
 
 
 def _conv_stages(model: VGG) -> list[list[str]]:

@@ -50,3 +50,10 @@ def autocast(device: torch.device, bf16: bool) -> AbstractContextManager:
     if not bf16:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the ranks in place (a no-op without a process group); returns it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import tempfile
 import time
@@ -30,7 +29,14 @@ from typing import Any
 
 from vgg_ray.errors import ConfigError
 from vgg_ray.evaluate import MODES, NetInfo, protocols
-from vgg_ray.tracking import check_reachable, configure_uploads, model_requirements, use_store
+from vgg_ray.tracking import (
+    RUN_ID,
+    check_reachable,
+    configure_uploads,
+    model_requirements,
+    resolve_uri,
+    use_store,
+)
 from vgg_ray.tracking import experiment_id as named_experiment
 
 CHAMPION = "champion"
@@ -39,7 +45,6 @@ KIND = "vgg_ray.kind"  # version tag: "net" or "ensemble"
 HISTORY = "champion_history"  # registered-model tag: earlier champions, oldest first ("1,3")
 PREVIOUS = "previous_champion"  # registered-model tag: the last of HISTORY, for people
 ENSEMBLE_CODE = Path(__file__).with_name("ensemble_model.py")
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Run metrics copied onto a net's version as `metric.<name>` tags.
 METRIC_PREFIXES = ("eval_", "val_", "best_val_")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -177,10 +182,7 @@ def _client(tracking_uri: str):
     (`log_model` and `register_model` use it)."""
     from mlflow.tracking import MlflowClient
 
-    from vgg_ray.config import default_home
-
-    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-           or f"sqlite:///{default_home() / 'mlflow.db'}")  # fmt: skip
+    uri = resolve_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if uri.startswith(("file:", "/", ".")):
@@ -239,10 +241,10 @@ def _version(client, uri: str):
 
 def manifest_sha256(uri: str, *, s3_endpoint: str | None = None) -> str:
     """sha256 of manifest.json's bytes: names the exact data (shards, classes, statistics)."""
-    from vgg_ray.data import _manifest_uri
+    from vgg_ray.data import manifest_file_uri
     from vgg_ray.storage import read_bytes
 
-    return hashlib.sha256(read_bytes(_manifest_uri(uri), s3_endpoint=s3_endpoint)).hexdigest()
+    return hashlib.sha256(read_bytes(manifest_file_uri(uri), s3_endpoint=s3_endpoint)).hexdigest()
 
 
 def _try_manifest_sha256(uri: str, s3_endpoint: str | None) -> str:
@@ -334,7 +336,7 @@ def resolve_member(client, source: str, *, s3_endpoint: str | None = None) -> Me
     checkpoint, not the logged pickled model, carries what the protocol needs (crop, training
     scale, normalisation, mean RGB, classes) and loads with weights_only=True."""
     from vgg_ray.checkpoint import load_trained
-    from vgg_ray.evaluate_job import _info_from_state
+    from vgg_ray.evaluate_job import info_from_state
 
     run_id, checkpoint = None, source
     if source.startswith("models:/"):
@@ -352,7 +354,7 @@ def resolve_member(client, source: str, *, s3_endpoint: str | None = None) -> Me
     _, state = load_trained(checkpoint, s3_endpoint=s3_endpoint)
     if "arch" not in state or "classes" not in state:
         raise ConfigError(f"{source}: {checkpoint} is not a vgg-ray checkpoint (no arch, classes)")
-    info = _info_from_state(state, source, run_id)
+    info = info_from_state(state, source, run_id)
     if info.stats is None:  # as the evaluation job does: the data set's mean RGB
         from vgg_ray.data import load_manifest
 

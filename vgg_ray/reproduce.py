@@ -331,7 +331,7 @@ def _best_checkpoint(chain: Chain, stage: str) -> str:
 
 
 def _run_train(config: ReproduceConfig, chain: Chain, stage: Stage, tracking_uri: str) -> None:
-    from vgg_ray.train import _run_exists, _storage, train
+    from vgg_ray.train_job import _run_exists, _storage, train
 
     parent = stage.parents[0] if stage.parents else ""
     init = _best_checkpoint(chain, parent) if parent else ""
@@ -554,7 +554,7 @@ def reproduce(config: ReproduceConfig) -> list[ReportRow]:
     and jobs/reproduce_paper.py call."""
     from vgg_ray import runtime
     from vgg_ray.data import load_manifest
-    from vgg_ray.train import resolve
+    from vgg_ray.train_job import resolve
 
     stages = plan(config.validate().nets, config.stages)
     base = resolve(config.base).validate()  # every stage names its own run

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
 from vgg_ray.errors import ConfigError
 
 log = logging.getLogger("vgg_ray.tracking")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id, as a model source may give one
 DIVERGED_TAG = "vgg_ray.diverged"
 """Set on the MLflow run of a training run or Tune trial that stopped as diverged."""
 
@@ -69,6 +71,44 @@ def open_client(tracking_uri: str):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     check_reachable(tracking_uri)
     return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def resolve_uri(tracking_uri: str) -> str:
+    """The tracking URI a command uses: the one given, else MLFLOW_TRACKING_URI, else the
+    embedded default, a SQLite database in the default home."""
+    from vgg_ray.config import default_home
+
+    return (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{default_home() / 'mlflow.db'}")  # fmt: skip
+
+
+def run_tags(config: Any) -> dict[str, str]:
+    """The tags every training run and trial carries (a `TrainConfig`): what ran, from which
+    commit, on which stack, over which data."""
+    import subprocess
+    from pathlib import Path
+
+    import ray
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "vgg_ray.run_name": config.run_name,
+        "arch": config.arch,
+        "git_commit": commit or "unknown",
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "data_manifest": config.data.manifest,
+    }
 
 
 def use_store(tracking_uri: str) -> None:
@@ -145,12 +185,6 @@ class NullTracker:
 
     def flush(self) -> int:
         return 0
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        pass
 
     def unsent(self) -> list[tuple[str, float, int, int]]:
         return []
@@ -230,19 +264,6 @@ class Tracker(NullTracker):
             self.outage_since = None
         self.retry_at, self.retry_delay = 0.0, 5.0
         return 0
-
-    def _guarded(self, what: str, call, *args, **kwargs) -> None:
-        try:
-            call(*args, **kwargs)
-        except Exception as error:
-            log.warning("MLflow %s failed: %s", what, str(error).splitlines()[0][:200])
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self._guarded("artifact upload", self.client.log_artifact, self.run_id, path, artifact_path)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        for key, value in tags.items():
-            self._guarded("tag", self.client.set_tag, self.run_id, key, str(value))
 
     def unsent(self) -> list[tuple[str, float, int, int]]:
         """What is queued, as plain values a weights-only checkpoint can carry."""

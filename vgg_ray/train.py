@@ -1,9 +1,9 @@
-"""The training plane: the paper's recipe (Sect. 3.1) on Ray Train, tracked in MLflow.
+"""The training plane's worker: the paper's recipe (Sect. 3.1) on one Ray Train worker.
 
-`train(config)` runs on the driver: it opens the MLflow run, fits a `TorchTrainer` whose workers
-run `train_worker` (a `Worker`: train epoch -> validate -> log -> checkpoint), then logs the
-model, the best checkpoint and the curves. The worker is plain PyTorch; the few Ray calls
-(`get_context`, `get_checkpoint`, `report`) stand at its edges.
+`train_worker` is what Ray Train runs on every worker: a `Worker` trains an epoch, validates,
+logs and checkpoints, epoch after epoch. It is plain PyTorch; the few Ray calls
+(`get_context`, `get_checkpoint`, `report`) stand at its edges. The driver that starts the
+workers and tracks the run is `vgg_ray.train_job`.
 """
 
 from __future__ import annotations
@@ -13,34 +13,21 @@ import logging
 import math
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from vgg_ray import checkpoint as ckpt
-from vgg_ray.config import TrainConfig, default_home, init_note
-from vgg_ray.data import SplitStream, check_shards, load_manifest
+from vgg_ray.config import TrainConfig
+from vgg_ray.data import SplitStream, load_manifest
 from vgg_ray.errors import ConfigError
 from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
-from vgg_ray.parallel import parallelize, unwrap
+from vgg_ray.parallel import all_reduce, parallelize, unwrap
 from vgg_ray.schedules import build_schedule
 from vgg_ray.steps import evaluate_counts, train_step
-from vgg_ray.tracking import (
-    DIVERGED_TAG,
-    NullTracker,
-    Tracker,
-    check_reachable,
-    experiment_id,
-    log_net,
-    open_client,
-    use_store,
-)
+from vgg_ray.tracking import NullTracker, Tracker, use_store
 
 log = logging.getLogger("vgg_ray.train")
 SCORE = "val_top5_error"  # the paper's measure
@@ -49,21 +36,6 @@ SCORE = "val_top5_error"  # the paper's measure
 # epoch's on a data set of 5 classes or fewer, where top-5 error is 0).
 RANK = "checkpoint_rank"
 TIE_BREAK = 1e-6
-
-
-@dataclass(frozen=True)
-class TrainSummary:
-    """Where a finished run left its results."""
-
-    run_name: str
-    mlflow_run_id: str
-    tracking_uri: str
-    checkpoint_path: str
-    best_checkpoint: str
-    metrics: dict[str, float]
-
-
-# ---------------------------------------------------------------------------- worker side
 
 
 def _grouped(batches: Iterator, size: int) -> Iterator[list]:
@@ -81,8 +53,9 @@ def _grouped(batches: Iterator, size: int) -> Iterator[list]:
 HEAD = "classifier.6."  # FC3: the class scores
 
 
-def _initial_weights(model: VGG, config: TrainConfig) -> list[str]:
-    """Apply `config.init` when it names trained weights; returns the layers it set."""
+def initial_weights(model: VGG, config: TrainConfig) -> list[str]:
+    """Apply `config.init` when it names trained weights; returns the layers it set. (The
+    driver's pre-flight, `train_job.check_init`, runs it on the meta device.)"""
     if config.init in INITS:
         return []
     try:
@@ -110,63 +83,8 @@ def _initial_weights(model: VGG, config: TrainConfig) -> list[str]:
     return list(loaded)
 
 
-_FITTING_INITS: set[tuple] = set()  # (init, net) pairs `check_init` has passed in this process
-
-
-def check_init(config: TrainConfig, classes: int) -> None:
-    """On the driver, before any worker starts: `config.init`'s weights load and fit the net
-    (width, class count, layout). The net is built on the meta device: shapes, no memory. A
-    pair already checked (the CLI's net A lookup, then `train`) is not loaded again."""
-    key = (config.init, config.arch, config.width, config.batch_norm, classes)
-    if config.init in INITS or key in _FITTING_INITS:
-        return
-    if config.init.startswith(("models:/", "runs:/")) and config.tracking_uri:
-        use_store(config.tracking_uri)  # resolved in the run's store, as the workers do
-    with torch.device("meta"):
-        model = build_vgg(config.arch, classes, config.width, "glorot", config.dropout,
-                          config.batch_norm)  # fmt: skip
-    with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": as meant
-        warnings.simplefilter("ignore", UserWarning)
-        _initial_weights(model, config)
-    _FITTING_INITS.add(key)
-
-
-NET_A = "models:/vgg-A@champion"  # where a deep net of the paper profile looks for its net A
-
-
-def registered_net_a(config: TrainConfig) -> str | None:
-    """`NET_A` when the run's tracking store holds it and it fits `config`'s net (width, class
-    count), else None. Looks only where a store already exists: a sqlite file that is there, a
-    server that answers; a net A that does not fit is passed over with one line."""
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve(config).tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None
-    try:
-        check_reachable(uri, timeout_s=2)  # shorter than open_client's: this is only a look
-        MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("vgg-A", "champion")
-    except Exception:  # no such model or alias, no server: the caller's default stands
-        return None
-    candidate = replace(config, init=NET_A, tracking_uri=uri)
-    try:
-        manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
-        check_init(candidate, len(manifest.classes))
-    except ConfigError as error:
-        print(f"vgg-ray: {NET_A} does not fit net {config.arch} ({error}); not using it",
-              flush=True)  # fmt: skip
-        return None
-    return NET_A
-
-
 def _conv_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-
-
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 class Worker:
@@ -221,7 +139,7 @@ class Worker:
         else:
             if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
                 use_store(loop_config["tracking_uri"])
-            _initial_weights(model, config)
+            initial_weights(model, config)
         self.model = parallelize(model, self.device, channels_last=self.channels_last,
                                  compile=config.compile)  # fmt: skip
         self.tracker = (Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
@@ -339,7 +257,7 @@ class Worker:
                           world_size=self.world_size, batch_size=self.config.micro_batch,
                           device=self.device, training=False)  # fmt: skip
         counts = evaluate_counts(self.model, val, bf16=self.bf16).to(self.device)
-        return _all_reduce(counts).tolist()
+        return all_reduce(counts).tolist()
 
     def _metrics(self, epoch: int, train: list[float], val: list[float]) -> dict[str, float]:
         rows, loss_sum, c1, c5, wait, elapsed, skipped = train
@@ -405,7 +323,7 @@ class Worker:
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        return _all_reduce(tensor).tolist()
+        return all_reduce(tensor).tolist()
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -415,387 +333,3 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for name in ("ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     Worker(loop_config).train()
-
-
-# ---------------------------------------------------------------------------- driver side
-
-
-def resolve(config: TrainConfig) -> TrainConfig:
-    """Fill the embedded defaults: run name, checkpoint storage, tracking URI."""
-    import os
-
-    home = default_home()
-    run_name = config.run_name or f"{config.arch}-{datetime.now():%Y%m%d-%H%M%S}"
-    storage = config.storage_path or str(home / "checkpoints")
-    tracking = (
-        config.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{home / 'mlflow.db'}"
-    )
-    return replace(config, run_name=run_name, storage_path=storage, tracking_uri=tracking)
-
-
-def _storage(config: TrainConfig):
-    """(pyarrow filesystem or None, path) for Ray's RunConfig."""
-    if config.storage_path.startswith("s3://"):
-        from vgg_ray.storage import open_storage
-
-        return open_storage(config.storage_path, s3_endpoint=config.data.s3_endpoint)
-    path = Path(config.storage_path).expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way, no permission, a read-only disk
-        raise ConfigError(f"storage path {config.storage_path} is not a usable folder: "
-                          f"{error.strerror or error}") from None  # fmt: skip
-    return None, str(path)
-
-
-def _check_resumable(config: TrainConfig) -> None:
-    """Before a resume reaches the cluster: the run has a checkpoint that verifies (the one
-    the workers will continue from, damaged newer ones named and skipped)."""
-    import pyarrow.fs
-
-    filesystem, path = _storage(config)
-    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
-    try:
-        ckpt.newest_intact(filesystem, f"{path.rstrip('/')}/{config.run_name}")
-    except ConfigError as error:
-        raise ConfigError(f"cannot resume run {config.run_name!r}: {error}: {NO_RESUME}") from None
-
-
-NO_RESUME = ("start a new run (another --run-name), with --init from a checkpoint you trust to "
-             "keep its weights")  # fmt: skip
-
-
-def _drop_if_no_checkpoint(config: TrainConfig) -> bool:
-    """Remove the folder of a run that failed before its first checkpoint (it holds nothing
-    to resume, and would block the run's name); True if it did."""
-    import pyarrow.fs
-
-    filesystem, path = _storage(config)
-    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
-    folder = f"{path.rstrip('/')}/{config.run_name}"
-    try:
-        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
-        if any(e.base_name.startswith("epoch-") for e in entries):
-            return False
-        if filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
-            filesystem.delete_dir(folder)
-    except OSError:  # storage away: the folder stays, and so does the advice to resume
-        return False
-    return True
-
-
-def _run_exists(filesystem, path: str, run_name: str) -> bool:
-    import pyarrow.fs
-
-    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
-    info = filesystem.get_file_info(f"{path.rstrip('/')}/{run_name}")
-    return info.type != pyarrow.fs.FileType.NotFound
-
-
-def _mlflow_run(config: TrainConfig, *, resume: bool, tags: dict[str, str]) -> str:
-    """The run's id: the one tagged with this run name when resuming, else a new run."""
-    import mlflow
-
-    client = open_client(config.tracking_uri)
-    mlflow.set_tracking_uri(config.tracking_uri)
-    try:
-        experiment = experiment_id(client, config.experiment)
-    except Exception as error:
-        raise ConfigError(
-            f"cannot reach MLflow at {config.tracking_uri}: {str(error).splitlines()[0][:200]}"
-        ) from error
-    if resume:
-        runs = client.search_runs(
-            [experiment], filter_string=f"tags.`vgg_ray.run_name` = '{config.run_name}'"
-        )
-        if runs:
-            return runs[0].info.run_id
-    run = client.create_run(experiment, run_name=config.run_name,
-                            tags={**_tags(config), **tags})  # fmt: skip
-    params = {k: str(v)[:6000] for k, v in config.flat().items()}
-    client.log_batch(
-        run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()]
-    )
-    return run.info.run_id
-
-
-def _tags(config: TrainConfig) -> dict[str, str]:
-    import subprocess
-
-    import ray
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "vgg_ray.run_name": config.run_name,
-        "arch": config.arch,
-        "git_commit": commit or "unknown",
-        "ray_version": ray.__version__,
-        "torch_version": torch.__version__,
-        "data_manifest": config.data.manifest,
-    }
-
-
-def gpus_per_worker(config: TrainConfig) -> float:
-    """config.gpus_per_worker, or 1 when the cluster has a GPU for every worker, else 0."""
-    import ray
-
-    if config.gpus_per_worker is not None:
-        return config.gpus_per_worker
-    return 1 if ray.cluster_resources().get("GPU", 0) >= config.workers else 0
-
-
-def build_trainer(
-    config: TrainConfig,
-    run_id: str,
-    *,
-    callbacks: Sequence[Any] = (),
-    start_checkpoint: Any = None,
-):
-    """The TorchTrainer of one run (config resolved and validated; Ray connected).
-
-    `callbacks` (ray.train.UserCallback) run on the Train controller after each report: how a
-    Tune trial forwards its epochs. `start_checkpoint` (a ray.train.Checkpoint) is where a run
-    without checkpoints of its own starts: a Tune trial continuing its own or a donor's."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    filesystem, storage_path = _storage(config)
-    gpus = gpus_per_worker(config)
-    return TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "mlflow_run_id": run_id,
-            "tracking_uri": config.tracking_uri,
-            "start_checkpoint": start_checkpoint,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.workers,
-            use_gpu=gpus > 0,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
-        ),
-        run_config=RunConfig(
-            name=config.run_name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.keep_best,
-                checkpoint_score_attribute=RANK,
-                checkpoint_score_order="min",
-            ),
-            callbacks=list(callbacks),
-        ),
-    )
-
-
-def preflight(config: TrainConfig, *, resume: bool = False) -> tuple[TrainConfig, Any]:
-    """Everything about a run that can be checked on the driver, in seconds, before any MLflow
-    run, run folder or worker exists: the config (values and their combination), the storage
-    path, the tracking server answering, the manifest and every shard it lists (size, footer),
-    and the init's weights fitting the net. `train` and every Tune search call it first.
-    Returns the resolved config and the manifest."""
-    config = resolve(config).validate()
-    check_reachable(config.tracking_uri)
-    manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
-    check_shards(manifest)
-    if not resume:
-        check_init(config, len(manifest.classes))
-    _storage(config)
-    return config, manifest
-
-
-def train(
-    config: TrainConfig, *, resume: bool = False, tags: dict[str, str] | None = None
-) -> TrainSummary:
-    """Train one net end to end; the function every train job and `vgg-ray train` call.
-    `tags` go on a new MLflow run besides the usual ones (the chain's stage and lineage)."""
-    import mlflow
-
-    from vgg_ray import runtime
-
-    config, manifest = preflight(config, resume=resume)
-    exists = _run_exists(*_storage(config), config.run_name)
-    if exists and not resume:
-        raise ConfigError(
-            f"run {config.run_name!r} already exists in {config.storage_path}; "
-            "pass --resume to continue it, or another --run-name"
-        )
-    if resume and not exists:
-        raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
-    if resume:
-        _check_resumable(config)
-    if note := init_note(config):
-        print(f"vgg-ray: {note}", flush=True)
-    run_id = _mlflow_run(config, resume=resume, tags=tags or {})
-    client = mlflow.tracking.MlflowClient(config.tracking_uri)
-    # A run that finished once and is continued keeps FINISHED if the continuation fails (a
-    # damaged checkpoint must not rewrite the record of a completed run).
-    finished_before = resume and client.get_run(run_id).info.status == "FINISHED"
-    runtime.connect()
-    gpus = gpus_per_worker(config)
-    print(
-        f"vgg-ray: training net {config.arch} as run {config.run_name!r} "
-        f"({config.workers} worker(s), {gpus} GPU each); MLflow run {run_id}",
-        flush=True,
-    )
-    trainer = build_trainer(config, run_id)
-    try:
-        result = trainer.fit()
-    except BaseException as error:
-        if not finished_before:
-            client.set_terminated(
-                run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            )
-        how_to_go_on = (
-            f"run {config.run_name!r} stopped at its latest checkpoint: once fixed, continue "
-            f"it with --resume --run-name {config.run_name}"
-        )
-        if ckpt.NOTHING_INTACT in str(_user_error(error)):
-            how_to_go_on = NO_RESUME
-        elif not resume and _drop_if_no_checkpoint(config):
-            how_to_go_on = (f"run {config.run_name!r} stopped before its first checkpoint, so "
-                            "there is nothing to resume: once fixed, start it again")  # fmt: skip
-        if cause := _user_error(error):  # a bad shard, storage down past its limit, ...
-            raise ConfigError(f"{cause}; {how_to_go_on}") from error
-        raise
-    if streak := (result.metrics or {}).get("diverged"):
-        where = _checkpoint_uri(config, result.checkpoint)
-        client.set_tag(run_id, DIVERGED_TAG, where)
-        client.set_terminated(run_id, "FAILED")
-        raise ConfigError(
-            f"run {config.run_name!r} diverged: {int(streak)} steps in a row had a non-finite "
-            f"gradient (skipped); the weights from before them are in {where}: continue with "
-            f"--resume --run-name {config.run_name} and a lower --lr or a --clip-grad-norm"
-        )
-    summary = _finish(config, result, run_id, manifest)
-    client.set_terminated(run_id, "FINISHED")
-    return summary
-
-
-def _checkpoint_uri(config: TrainConfig, checkpoint) -> str:
-    """A Ray checkpoint's path as the user names it (Ray drops the s3:// of its filesystem)."""
-    return f"s3://{checkpoint.path}" if config.storage_path.startswith("s3://") else checkpoint.path
-
-
-def _user_error(error: BaseException) -> str | None:
-    """The message of the ConfigError behind a failed fit, if there is one: Ray wraps a
-    worker's exception (and Ray Data a task's) in its own types, and the chain of causes
-    survives only as the remote traceback's text."""
-    import re
-
-    todo, seen, texts = [error], set(), []
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)  # RayTaskError: the remote exception
-        if isinstance(current, ConfigError) and not isinstance(cause, BaseException):
-            return str(current.args[0]) if current.args else str(current)
-        texts.append(str(current))
-        failures = getattr(current, "worker_failures", None) or {}  # WorkerGroupError
-        base = getattr(current, "_base_exc", None)  # Ray Train's UserExceptionWithTraceback
-        todo += [current.__context__, current.__cause__, cause, base, *failures.values()]
-    for text in texts:  # the first (innermost) one a traceback names
-        if found := re.search(r"^\S*(?:ConfigError|StorageUnreachable): (.+)$", text, re.M):
-            return found.group(1)
-    return None
-
-
-def _mlflow_ui(tracking_uri: str, run_id: str) -> str:
-    """Where a person looks at the run: the server's page, or the command that serves a file."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
-
-
-def _best_intact(best_checkpoints: list) -> tuple[Any, dict[str, float], dict[str, Any]]:
-    """(checkpoint, its metrics, its state) of the best-ranked checkpoint that verifies; one
-    that does not is named and passed over."""
-    # (runs begun before the rank was reported: by top-5 error alone)
-    ranked = sorted(best_checkpoints, key=lambda entry: entry[1].get(RANK, entry[1][SCORE]))
-    problems = []
-    for checkpoint, metrics in ranked:
-        try:
-            with checkpoint.as_directory() as directory:
-                return checkpoint, metrics, ckpt.load_state(directory)
-        except ConfigError as error:
-            print(f"vgg-ray: passing over a kept checkpoint: {error}", flush=True)
-            problems.append(str(error))
-    raise ConfigError(f"no kept checkpoint of the run verifies: {'; '.join(problems)}")
-
-
-def deliver_unsent(config: TrainConfig, run_id: str, state: dict[str, Any], where) -> None:
-    """Send the metric values the last checkpoint carries unsent (the tracking server was away
-    as training ended), waiting for the server as MLflow's client does. Undeliverable, the run
-    is not marked FINISHED: one line says where the values wait and how to send them."""
-    unsent, dropped = state.get("unsent_metrics") or [], state.get("dropped_metrics", 0)
-    if not unsent and not dropped:
-        return
-    from mlflow.tracking import MlflowClient
-
-    from vgg_ray.tracking import deliver
-
-    client = MlflowClient(config.tracking_uri)  # no fail-fast check: here waiting is right
-    try:
-        deliver(client, run_id, unsent)
-        if dropped:  # a full queue through a very long outage: the run says how many it lacks
-            client.set_tag(run_id, "vgg_ray.dropped_metrics", str(dropped))
-    except Exception as error:
-        raise ConfigError(
-            f"{len(unsent)} metric values of run {config.run_name!r} could not be delivered to "
-            f"MLflow at {config.tracking_uri} ({str(error).splitlines()[0][:120]}); they are "
-            f"kept in checkpoint {_checkpoint_uri(config, where)}, and the MLflow run is not "
-            f"marked FINISHED: once MLflow is back, --resume --run-name {config.run_name} "
-            "delivers them"
-        ) from error
-    print(f"vgg-ray: delivered {len(unsent)} metric values the workers could not send",
-          flush=True)  # fmt: skip
-
-
-def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
-    """Driver-side logging once training is done: best checkpoint, model, curves."""
-    import mlflow
-
-    from vgg_ray.plots import plot_history
-
-    latest = ckpt.load_newest_intact(result.checkpoint)
-    history = latest["loop"]["history"]
-    deliver_unsent(config, run_id, latest, result.checkpoint)
-    best_checkpoint, best_metrics, best_state = _best_intact(result.best_checkpoints)
-    best_uri = _checkpoint_uri(config, best_checkpoint)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        mlflow.set_tag("best_checkpoint", best_uri)
-        mlflow.log_metric(f"best_{SCORE}", best_metrics[SCORE])
-        with tempfile.TemporaryDirectory() as directory:
-            mlflow.log_artifact(plot_history(history, Path(directory) / "curves.png"))
-        log_net(best_state)
-    final = history[-1] if history else {}
-    print(
-        f"vgg-ray: run {config.run_name!r} done: val error top-1 "
-        f"{final.get('val_top1_error', 0):.3f}, top-5 {final.get(SCORE, 0):.3f}\n"
-        f"  checkpoints: {config.storage_path.rstrip('/')}/{config.run_name}\n"
-        f"  best checkpoint: {best_uri}\n"
-        f"  MLflow run {run_id}: {_mlflow_ui(config.tracking_uri, run_id)}",
-        flush=True,
-    )
-    return TrainSummary(
-        config.run_name,
-        run_id,
-        config.tracking_uri,
-        f"{config.storage_path.rstrip('/')}/{config.run_name}",
-        best_uri,
-        final,
-    )

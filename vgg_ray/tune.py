@@ -56,7 +56,8 @@ from vgg_ray.config import (
 )
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import SCHEDULES
-from vgg_ray.tracking import DIVERGED_TAG, server_environment
+from vgg_ray.tracking import DIVERGED_TAG, resolve_uri, run_tags, server_environment
+from vgg_ray.tracking import experiment_id as named_experiment
 
 log = logging.getLogger("vgg_ray.tune")
 SCHEDULERS = ("asha", "pbt")
@@ -296,7 +297,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     run that starts from the checkpoint Tune gives (`ray.tune.get_checkpoint()`)."""
     from ray.util.queue import Empty, Queue
 
-    from vgg_ray.train import build_trainer
+    from vgg_ray.train_job import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     start = tune.get_checkpoint()
@@ -350,7 +351,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         raise outcome["error"]
     # What the workers could not send reaches the trial's run before Tune marks it FINISHED.
     from vgg_ray import checkpoint as ckpt
-    from vgg_ray.train import deliver_unsent
+    from vgg_ray.train_job import deliver_unsent
 
     result = outcome["result"]
     if result.checkpoint is not None:
@@ -371,8 +372,6 @@ def _child_run(
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from vgg_ray.train import _tags
-
     client = MlflowClient(context["tracking_uri"])
     experiment_id = context["experiment_id"]
     found = client.search_runs(
@@ -384,7 +383,7 @@ def _child_run(
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        tags = {**_tags(config), "mlflow.parentRunId": context["parent_run_id"],
+        tags = {**run_tags(config), "mlflow.parentRunId": context["parent_run_id"],
                 TRIAL_ID_TAG: trial_id, SEARCH_TAG: context["name"]}  # fmt: skip
         run_id = client.create_run(experiment_id, run_name=trial_id, tags=tags).info.run_id
         params_out = {k: str(v)[:6000] for k, v in config.flat().items() if k != "run_name"}
@@ -471,15 +470,14 @@ def mlflow_server(
 
 
 def _tracking(config: SearchConfig, home: Path) -> contextlib.AbstractContextManager[str]:
-    uri = config.train.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    uri = resolve_uri(config.train.tracking_uri)
     if uri.startswith(("http://", "https://", "databricks")):
         return contextlib.nullcontext(uri)
-    if uri and not uri.startswith("sqlite:///"):
+    if not uri.startswith("sqlite:///"):
         raise ConfigError(
             f"a search needs an http(s) MLflow tracking server or a sqlite:/// database (served "
             f"for the search by a local mlflow server), got {uri!r}"
         )
-    uri = uri or f"sqlite:///{home / 'mlflow.db'}"
     database = Path(uri.removeprefix("sqlite:///"))
     return mlflow_server(uri, database.parent / "mlartifacts",
                          log_path=database.parent / "logs" / "mlflow-server.log")  # fmt: skip
@@ -489,7 +487,7 @@ def _concurrency(config: SearchConfig) -> int:
     """Trials at once: as many as the cluster's CPUs and GPUs hold."""
     import ray
 
-    from vgg_ray.train import gpus_per_worker
+    from vgg_ray.train_job import gpus_per_worker
 
     if config.max_concurrent_trials:
         return config.max_concurrent_trials
@@ -628,7 +626,7 @@ def search(
     from mlflow.tracking import MlflowClient
 
     from vgg_ray import runtime
-    from vgg_ray.train import preflight
+    from vgg_ray.train_job import preflight
 
     config = resolve(config).validate()
     home = default_home()
@@ -649,12 +647,7 @@ def search(
     runtime.connect()
     with _tracking(config, home) as tracking_uri:
         client = MlflowClient(tracking_uri)
-        experiment = client.get_experiment_by_name(config.train.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else client.create_experiment(config.train.experiment)
-        )
+        experiment_id = named_experiment(client, config.train.experiment)
         parent_run_id = _parent_run(client, experiment_id, config, resume=resume)
         concurrency = _concurrency(config)
         print(
