@@ -174,7 +174,8 @@ def stream_baseline(manifest: str, args) -> float:
 def stream_ours(manifest: str, args) -> float:
     import ray
 
-    from vgg_ray.data import SplitStream, StreamConfig, load_manifest
+    from vgg_ray.data import SplitStream, StreamConfig
+    from vgg_ray.manifest import load_manifest
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", num_cpus=args.cores, include_dashboard=False,
@@ -221,7 +222,7 @@ def main() -> None:
     if args.manifest:
         import pyarrow.parquet as pq
 
-        from vgg_ray.data import load_manifest
+        from vgg_ray.manifest import load_manifest
 
         loaded = load_manifest(args.manifest)
         shard = loaded.shards("train")[0]

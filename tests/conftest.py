@@ -180,8 +180,9 @@ def read_split(manifest_uri: str, split: str) -> tuple[list, list[int], list[str
     the reference the Ray jobs are checked against."""
     import numpy as np
 
-    from vgg_ray.data import load_manifest, read_records
+    from vgg_ray.data import read_records
     from vgg_ray.evaluate_job import _pieces
+    from vgg_ray.manifest import load_manifest
     from vgg_ray.transforms import decode_cpu
 
     manifest = load_manifest(manifest_uri)

@@ -104,7 +104,7 @@ def _checkpoint(directory: Path, shards: Path) -> None:
 
     from vgg_ray.checkpoint import save_state
     from vgg_ray.config import demo
-    from vgg_ray.data import load_manifest
+    from vgg_ray.manifest import load_manifest
     from vgg_ray.models import build_vgg
 
     manifest = load_manifest(str(shards))

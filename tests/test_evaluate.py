@@ -181,7 +181,7 @@ def checkpoint(data, tmp_path_factory) -> Path:
     """A tiny net A (crop 32), trained for a few dozen SGD steps, saved as training saves it."""
     from vgg_ray.checkpoint import save_state
     from vgg_ray.config import demo
-    from vgg_ray.data import load_manifest
+    from vgg_ray.manifest import load_manifest
     from vgg_ray.transforms import training
 
     manifest = load_manifest(data)

@@ -23,7 +23,8 @@ import vgg_ray.prepare as prep
 from vgg_ray.cli import main
 from vgg_ray.demo import NAMES_FILE, ensure_demo_shards, make_demo_tree, wnid
 from vgg_ray.errors import ConfigError
-from vgg_ray.prepare import SHARD_SCHEMA, PrepareConfig, prepare, read_manifest
+from vgg_ray.manifest import read_manifest
+from vgg_ray.prepare import SHARD_SCHEMA, PrepareConfig, prepare
 from vgg_ray.storage import open_storage, read_bytes
 
 # demo_tree: 6 train + 2 val per class, plus oddities: class 0 gains a grayscale and a CMYK

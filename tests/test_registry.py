@@ -40,7 +40,7 @@ def _checkpoint(directory: Path, manifest_uri: str, arch: str, *, steps: int, se
     net that ranks the classes in one fixed order whatever the image (top-5 error 3/8)."""
     from vgg_ray.checkpoint import save_state
     from vgg_ray.config import demo
-    from vgg_ray.data import load_manifest
+    from vgg_ray.manifest import load_manifest
     from vgg_ray.models import build_vgg
     from vgg_ray.transforms import training
 

@@ -38,8 +38,9 @@ from conftest import train_workers
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.cli import main
 from vgg_ray.config import TrainConfig, demo
-from vgg_ray.data import load_manifest, read_records, shard_sizes, verify_shards
+from vgg_ray.data import read_records
 from vgg_ray.errors import ConfigError
+from vgg_ray.manifest import load_manifest, shard_sizes, verify_shards
 from vgg_ray.tracking import server_environment
 
 OUTAGE_LIMIT_S = 10  # storage reads give up after ~7.5 s of backoff (0.5 + 1 + 2 + 4)
@@ -354,6 +355,7 @@ def test_the_newest_intact_checkpoint_is_found_past_damaged_ones(tmp_path):
 
     names = ["epoch-0001-step-00000006", "epoch-0002-step-00000008", "epoch-0002-step-00000012"]
     for step, name in enumerate(names):
+        (tmp_path / name).mkdir()
         ckpt.save_state(tmp_path / name, {"loop": {"step": step}})
     local = pyarrow.fs.LocalFileSystem()
     assert ckpt.newest_intact(local, str(tmp_path)) == names[-1]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from vgg_ray import checkpoint as ckpt
-from vgg_ray.data import load_manifest
 from vgg_ray.errors import ConfigError
+from vgg_ray.manifest import load_manifest
 
 
 class _Payload:

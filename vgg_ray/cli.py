@@ -220,7 +220,7 @@ def _profile_config(profile: str, arch: str | None, args: argparse.Namespace):
     import numpy as np
 
     from vgg_ray.config import PROFILES, DataFacts, small
-    from vgg_ray.data import load_manifest, short_sides
+    from vgg_ray.manifest import load_manifest, short_sides
 
     if profile != "small":
         return PROFILES[profile](arch or "E")
@@ -409,7 +409,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from vgg_ray.data import load_manifest, verify_shards
+    from vgg_ray.manifest import load_manifest, verify_shards
 
     manifest = load_manifest(args.manifest, s3_endpoint=args.s3_endpoint)
     problems = verify_shards(manifest)

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vgg_ray.errors import ConfigError
-from vgg_ray.prepare import PrepareConfig, prepare, read_manifest
+from vgg_ray.manifest import read_manifest
+from vgg_ray.prepare import PrepareConfig, prepare
 
 NAMES_FILE = "LOC_synset_mapping.txt"
 DEMO_VERSION = "v1"  # bump when the generator or the demo's prepare settings change

@@ -26,14 +26,7 @@ import numpy as np
 import torch
 
 from vgg_ray import tracking
-from vgg_ray.data import (
-    Manifest,
-    check_shards,
-    epoch_order,
-    load_manifest,
-    read_records,
-    shard_sizes,
-)
+from vgg_ray.data import epoch_order, read_records
 from vgg_ray.errors import ConfigError, user_error
 from vgg_ray.evaluate import (
     MODES,
@@ -48,6 +41,7 @@ from vgg_ray.evaluate import (
     table_csv,
     table_markdown,
 )
+from vgg_ray.manifest import Manifest, check_shards, load_manifest, shard_sizes
 from vgg_ray.models import VGG
 from vgg_ray.transforms import ColorStats, decode_cpu, decode_gpu
 

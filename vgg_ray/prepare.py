@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 
 from vgg_ray.errors import ConfigError
+from vgg_ray.manifest import MANIFEST_FORMAT, MANIFEST_NAME, write_manifest
 from vgg_ray.storage import (
     join,
     open_storage,
@@ -45,7 +46,6 @@ from vgg_ray.storage import (
     write_bytes_atomic,
 )
 
-MANIFEST_FORMAT = "vgg-ray-shards/1"
 # The streaming side depends on exactly this schema.
 SHARD_SCHEMA = pa.schema(
     [
@@ -578,13 +578,12 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
                     bar.update(len(futures[future].items))
 
     manifest = build_manifest(classes, tasks, facts)
-    manifest_uri = join(config.dest, "manifest.json")
-    write_bytes_atomic(fs, f"{root}/manifest.json", json.dumps(manifest, indent=1).encode())
+    write_manifest(fs, root, manifest)
 
     seconds = time.perf_counter() - start
     built = sum(facts[t.name]["rows"] for t in todo)
     return PrepareSummary(
-        manifest=manifest_uri,
+        manifest=join(config.dest, MANIFEST_NAME),
         images=sum(s["rows"] for s in manifest["splits"].values()),
         bytes=sum(s["bytes"] for s in manifest["splits"].values()),
         shards=sum(len(s["shards"]) for s in manifest["splits"].values()),
@@ -622,22 +621,3 @@ def build_manifest(classes: list[dict], tasks: list[ShardTask], facts: dict[str,
         "converted": converted,
         "stats": moments.stats(),
     }
-
-
-def read_manifest(uri: str, *, s3_endpoint: str | None = None) -> dict:
-    """The manifest at `uri` (manifest.json or the folder holding it), checked for its format.
-
-    Shard paths in it are relative to the manifest's folder."""
-    if not uri.endswith(".json"):
-        uri = join(uri, "manifest.json")
-    try:
-        manifest = json.loads(read_bytes(uri, s3_endpoint=s3_endpoint))
-    except ConfigError as error:
-        raise ConfigError(
-            f"cannot read manifest: {error} (did `vgg-ray prepare` finish?)"
-        ) from None
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"{uri} is not a vgg-ray manifest (not valid JSON)") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ConfigError(f"{uri} is not a vgg-ray manifest (expected format {MANIFEST_FORMAT})")
-    return manifest

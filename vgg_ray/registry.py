@@ -241,7 +241,7 @@ def _version(client, uri: str):
 
 def manifest_sha256(uri: str, *, s3_endpoint: str | None = None) -> str:
     """sha256 of manifest.json's bytes: names the exact data (shards, classes, statistics)."""
-    from vgg_ray.data import manifest_file_uri
+    from vgg_ray.manifest import manifest_file_uri
     from vgg_ray.storage import read_bytes
 
     return hashlib.sha256(read_bytes(manifest_file_uri(uri), s3_endpoint=s3_endpoint)).hexdigest()
@@ -356,7 +356,7 @@ def resolve_member(client, source: str, *, s3_endpoint: str | None = None) -> Me
         raise ConfigError(f"{source}: {checkpoint} is not a vgg-ray checkpoint (no arch, classes)")
     info = info_from_state(state, source, run_id)
     if info.stats is None:  # as the evaluation job does: the data set's mean RGB
-        from vgg_ray.data import load_manifest
+        from vgg_ray.manifest import load_manifest
 
         if not info.manifest:
             raise ConfigError(f"{source}: no mean RGB in its checkpoint and no manifest to take "

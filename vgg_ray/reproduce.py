@@ -553,7 +553,7 @@ def reproduce(config: ReproduceConfig) -> list[ReportRow]:
     """Run (or continue) the chain; returns the report's rows. The function `vgg-ray reproduce`
     and jobs/reproduce_paper.py call."""
     from vgg_ray import runtime
-    from vgg_ray.data import load_manifest
+    from vgg_ray.manifest import load_manifest
     from vgg_ray.train_job import resolve
 
     stages = plan(config.validate().nets, config.stages)

@@ -21,8 +21,9 @@ import torch
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.config import TrainConfig
-from vgg_ray.data import SplitStream, load_manifest
+from vgg_ray.data import SplitStream
 from vgg_ray.errors import ConfigError
+from vgg_ray.manifest import load_manifest
 from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
 from vgg_ray.parallel import all_reduce, parallelize, unwrap
 from vgg_ray.schedules import build_schedule

@@ -20,8 +20,8 @@ import torch
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.config import TrainConfig, default_home, init_note
-from vgg_ray.data import check_shards, load_manifest
 from vgg_ray.errors import ConfigError, user_error
+from vgg_ray.manifest import check_shards, load_manifest
 from vgg_ray.models import INITS, build_vgg
 from vgg_ray.tracking import (
     DIVERGED_TAG,
