@@ -16,7 +16,9 @@ from vgg_ray.cli import main, train_main
 from vgg_ray.config import demo
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import Plateau, build_schedule
-from vgg_ray.tune import SearchConfig, SearchSpace, mlflow_server, run_trial, search
+from vgg_ray.stack import serve_mlflow
+from vgg_ray.trial import run_trial
+from vgg_ray.tune import SearchConfig, SearchSpace, search
 
 # ------------------------------------------------------------------------- no cluster needed
 
@@ -117,10 +119,10 @@ def test_the_search_server_dies_with_its_driver(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from vgg_ray.tune import mlflow_server\n"
+        "from vgg_ray.stack import serve_mlflow\n"
         f"root = Path({str(tmp_path)!r})\n"
         "store, log = f'sqlite:///{root}/m.db', root / 'log'\n"
-        "with mlflow_server(store, root / 'art', log_path=log) as uri:\n"
+        "with serve_mlflow(store, root / 'art', log_path=log) as uri:\n"
         "    print(uri, flush=True)\n"
         "    time.sleep(600)\n"
     )
@@ -150,7 +152,7 @@ def manifest(tmp_path_factory) -> str:
 def tracking(tmp_path_factory) -> str:
     """One real `mlflow server` (SQLite behind it) for every search of this module."""
     root = tmp_path_factory.mktemp("mlflow")
-    with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts",
+    with serve_mlflow(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts",
                        log_path=root / "server.log") as uri:  # fmt: skip
         yield uri
 

@@ -542,11 +542,9 @@ def _tracking(config: ReproduceConfig, uri: str, concurrent: bool):
 
     if not (concurrent and uri.startswith("sqlite:///")):
         return contextlib.nullcontext(uri)
-    from vgg_ray.tune import mlflow_server
+    from vgg_ray.stack import serve_sqlite
 
-    database = Path(uri.removeprefix("sqlite:///"))
-    return mlflow_server(uri, database.parent / "mlartifacts",
-                         log_path=database.parent / "logs" / "mlflow-server.log")  # fmt: skip
+    return serve_sqlite(uri)
 
 
 def reproduce(config: ReproduceConfig) -> list[ReportRow]:

@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -284,13 +285,9 @@ def up(config: StackConfig | None = None) -> Stack:
         mlflow_env = {**base, **server_environment(MLFLOW_S3_ENDPOINT_URL=s3)}
         pids["mlflow"] = _spawn(
             "mlflow",
-            [
-                sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
-                "--artifacts-destination", f"s3://{config.bucket}/mlartifacts",
-                "--host", config.host, "--port", str(config.mlflow_port),
-                "--workers", "1",  # one writer to SQLite; plenty for one machine
-            ],
+            mlflow_server_command(f"sqlite:///{state_dir / 'mlflow.db'}",
+                                  f"s3://{config.bucket}/mlartifacts", config.host,
+                                  config.mlflow_port),
             mlflow_env,
             logs,
         )  # fmt: skip
@@ -395,3 +392,74 @@ def _stop_group(pid: int, *, leader_first: bool, timeout_s: float) -> None:
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     _signal(pid, signal.SIGKILL, group=True)
+
+
+# --- a local mlflow server for one block of work (a search, a chain) -----------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In a child before it runs its program: on Linux the kernel sends it SIGTERM when the
+    process that started it dies, however that dies (SIGKILL included), so a search killed
+    outright leaves no `mlflow server` behind. Elsewhere a no-op (the `finally` below and the
+    SIGTERM handler of `vgg-ray tune` cover the other exits)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def serve_mlflow(
+    backend_uri: str, artifacts: Path, *, log_path: Path, timeout_s: float = 120
+) -> Iterator[str]:
+    """A local `mlflow server` on 127.0.0.1 over `backend_uri` (a sqlite:/// database) for the
+    duration of the block; yields its http:// tracking URI."""
+    port = _free_port()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if backend_uri.startswith("sqlite:///"):
+        Path(backend_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command = mlflow_server_command(backend_uri, str(artifacts), "127.0.0.1", port)
+    with open(log_path, "ab") as output:
+        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                  stderr=subprocess.STDOUT, env=server_environment(),
+                                  start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http("mlflow server", f"{uri}/health", server.pid, log_path, timeout_s)
+        yield uri
+    finally:
+        # The server's workers share its session: stop them all (this process started it).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, 9)
+            server.wait()
+
+
+def serve_sqlite(tracking_uri: str) -> contextlib.AbstractContextManager[str]:
+    """`serve_mlflow` over a sqlite:/// store, its artifacts and log beside the database: how
+    several processes (a search's trials, a chain's concurrent stages) share the embedded
+    default, which SQLite alone would not survive."""
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return serve_mlflow(tracking_uri, database.parent / "mlartifacts",
+                        log_path=database.parent / "logs" / "mlflow-server.log")  # fmt: skip
+
+
+def mlflow_server_command(backend_uri: str, artifacts: str, host: str, port: int) -> list[str]:
+    """The `mlflow server` vgg-ray runs: one worker, the one writer a SQLite store takes."""
+    return [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+        "--artifacts-destination", artifacts, "--host", host, "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip

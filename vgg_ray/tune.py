@@ -2,10 +2,10 @@
 
     search(demo_search())   # the embedded default: 4 trials of net A on the demo data
 
-Each trial is a Tune driver function (`run_trial`) that builds and fits the run's TorchTrainer
-(Ray Train V2 pattern), so a trial can span several GPUs. A Train callback on the controller
-hands each epoch's metrics and checkpoint to the driver function, which reports them to Tune
-(`ray.tune.report`): ASHA stops trials on them, PBT clones trials from their checkpoints, a
+Each trial is a Tune driver function (`vgg_ray.trial.run_trial`) that builds and fits the run's
+TorchTrainer (Ray Train V2 pattern), so a trial can span several GPUs. A Train callback on the
+controller hands each epoch's metrics and checkpoint to the driver function, which reports them
+to Tune (`ray.tune.report`): ASHA stops trials on them, PBT clones trials from their checkpoints, a
 failed trial restarts from its latest one, and `Tuner.restore` resumes an interrupted search.
 
 A trial's Train run starts from `ray.tune.get_checkpoint()` when Tune gives one (its own latest
@@ -25,17 +25,9 @@ import dataclasses
 import logging
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 import typing
-import urllib.request
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +35,6 @@ from typing import Any
 from unittest import mock
 
 from ray import tune
-from ray.train import UserCallback
 
 from vgg_ray.config import (
     TrainConfig,
@@ -56,13 +47,13 @@ from vgg_ray.config import (
 )
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import SCHEDULES
-from vgg_ray.tracking import DIVERGED_TAG, resolve_uri, run_tags, server_environment
+from vgg_ray.stack import serve_sqlite
+from vgg_ray.tracking import DIVERGED_TAG, resolve_uri
 from vgg_ray.tracking import experiment_id as named_experiment
+from vgg_ray.trial import SEARCH_TAG, TRIAL_ID_TAG, run_trial, trial_config
 
 log = logging.getLogger("vgg_ray.tune")
 SCHEDULERS = ("asha", "pbt")
-TRIAL_ID_TAG = "vgg_ray.trial_id"
-SEARCH_TAG = "vgg_ray.search"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,210 +257,12 @@ class SearchSummary:
     """The results table: one row per trial."""
 
 
-# ------------------------------------------------------------------------------ trial side
-
-
-class ForwardEpochs(UserCallback):
-    """Train callback (on the Train controller): hands each epoch-end report to the trial's
-    driver function through a Ray queue. Mid-epoch checkpoints are left out: Tune ranks epochs.
-
-    Ray's own TuneReportCallback forwards metrics only; PBT and trial restarts need Tune to
-    hold checkpoints, and only the driver function can report those (`ray.tune.report`)."""
-
-    def __init__(self, reports):
-        self.reports = reports
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if "val_top1_error" in metrics[0]:
-            self.reports.put((metrics[0], checkpoint))
-
-
-def trial_config(base: TrainConfig, params: dict[str, Any], **overrides: Any) -> TrainConfig:
-    """The base training config with a trial's sampled values."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return replace(base, **{k: v for k, v in params.items() if k in fields}, **overrides)
-
-
-def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
-    """Tune driver function of one trial: fit the trial's TorchTrainer, report its epochs.
-
-    Runs again after a failure, a PBT exploit or a resumed search; each run is a fresh Train
-    run that starts from the checkpoint Tune gives (`ray.tune.get_checkpoint()`)."""
-    from ray.util.queue import Empty, Queue
-
-    from vgg_ray.train_job import build_trainer
-
-    trial_id = tune.get_context().get_trial_id()
-    start = tune.get_checkpoint()
-    config = trial_config(
-        TrainConfig.from_dict(context["train"]),
-        params,
-        # A fresh Train run per attempt: Train's own resume would prefer the run's latest
-        # checkpoint over the donor's that PBT hands over.
-        run_name=f"{trial_id}-{uuid.uuid4().hex[:6]}",
-        storage_path=context["trials_storage"],
-        tracking_uri=context["tracking_uri"],
-    ).validate()
-    start_epoch = 0
-    if start is not None:
-        from vgg_ray import checkpoint as ckpt
-
-        with start.as_directory() as directory:
-            start_epoch = ckpt.load_state(directory)["loop"]["epoch"]
-    run_id = _child_run(context, trial_id, config, params, start, start_epoch)
-
-    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = build_trainer(config, run_id, callbacks=[ForwardEpochs(reports)],
-                            start_checkpoint=start)  # fmt: skip
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # handed to the driver thread, which raises it
-            outcome["error"] = error
-
-    # fit() blocks until training ends; meanwhile this thread reports each epoch to Tune (a
-    # Tune report must come from the driver function's own thread). Daemon: when Tune stops
-    # the trial (ASHA), the trial's process ends and takes the Train run with it.
-    fitting = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
-    fitting.start()
-    while True:
-        alive = fitting.is_alive()  # read before get(): a last report is never missed
-        try:
-            metrics, checkpoint = reports.get(timeout=1.0)
-        except Empty:
-            if alive:
-                continue
-            break
-        tune_checkpoint = None
-        if checkpoint is not None:
-            tune_checkpoint = tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
-        tune.report({**metrics, "epochs_done": metrics["epoch"] + 1},
-                        checkpoint=tune_checkpoint)  # fmt: skip
-    if "error" in outcome:
-        raise outcome["error"]
-    # What the workers could not send reaches the trial's run before Tune marks it FINISHED.
-    from vgg_ray import checkpoint as ckpt
-    from vgg_ray.train_job import deliver_unsent
-
-    result = outcome["result"]
-    if result.checkpoint is not None:
-        deliver_unsent(config, run_id, ckpt.load_newest_intact(result.checkpoint),
-                       result.checkpoint)  # fmt: skip
-    if (result.metrics or {}).get("diverged"):
-        # A diverged trial ends here, not as an error: a retry would diverge the same way.
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(context["tracking_uri"]).set_tag(run_id, DIVERGED_TAG, "true")
-
-
-def _child_run(
-    context: dict[str, Any], trial_id: str, config: TrainConfig, params: dict[str, Any],
-    start, start_epoch: int,
-) -> str:  # fmt: skip
-    """The trial's MLflow run, nested under the search's; the same run on every restart."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(context["tracking_uri"])
-    experiment_id = context["experiment_id"]
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' AND "
-        f"tags.`mlflow.parentRunId` = '{context['parent_run_id']}'",
-    )
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        tags = {**run_tags(config), "mlflow.parentRunId": context["parent_run_id"],
-                TRIAL_ID_TAG: trial_id, SEARCH_TAG: context["name"]}  # fmt: skip
-        run_id = client.create_run(experiment_id, run_name=trial_id, tags=tags).info.run_id
-        params_out = {k: str(v)[:6000] for k, v in config.flat().items() if k != "run_name"}
-        client.log_batch(run_id, params=[Param(k, v) for k, v in params_out.items()])
-    # Params cannot change in MLflow; a PBT trial's values do: log them at each start.
-    now = int(time.time() * 1000)
-    values = {f"trial_{k}": float(v) for k, v in params.items() if isinstance(v, int | float)}
-    values["start_epoch"] = start_epoch
-    client.log_batch(run_id, metrics=[Metric(k, v, now, start_epoch) for k, v in values.items()])
-    client.set_tag(run_id, "schedule", config.schedule)
-    if start is not None:
-        client.set_tag(run_id, "vgg_ray.start_checkpoint", start.path)
-    return run_id
-
-
 # ------------------------------------------------------------------------------ search side
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In a child before it runs its program: on Linux the kernel sends it SIGTERM when the
-    process that started it dies, however that dies (SIGKILL included), so a search killed
-    outright leaves no `mlflow server` behind. Elsewhere a no-op (the `finally` below and the
-    SIGTERM handler of `vgg-ray tune` cover the other exits)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def mlflow_server(
-    backend_uri: str, artifacts: Path, *, log_path: Path, timeout_s: float = 120
-) -> Iterator[str]:
-    """A local `mlflow server` on 127.0.0.1 over `backend_uri` (a sqlite:/// database) for the
-    duration of the block; yields its http:// tracking URI."""
-    port = _free_port()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if backend_uri.startswith("sqlite:///"):
-        Path(backend_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1",  # one writer to SQLite
-    ]  # fmt: skip
-    with open(log_path, "ab") as output:
-        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
-                                  stderr=subprocess.STDOUT, env=server_environment(),
-                                  start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if server.poll() is not None:
-                raise ConfigError(f"mlflow server exited during start-up; see {log_path}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise ConfigError(f"mlflow server did not start within {timeout_s:.0f} s; "
-                                  f"see {log_path}")  # fmt: skip
-            time.sleep(0.5)
-        yield uri
-    finally:
-        # The server's workers share its session: stop them all (this process started it).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, 9)
-            server.wait()
-
-
-def _tracking(config: SearchConfig, home: Path) -> contextlib.AbstractContextManager[str]:
+def _tracking(config: SearchConfig) -> contextlib.AbstractContextManager[str]:
+    """Trials log from many processes: a search needs a tracking server; a sqlite:/// store
+    (the embedded default) is served by a local `mlflow server` for the search's duration."""
     uri = resolve_uri(config.train.tracking_uri)
     if uri.startswith(("http://", "https://", "databricks")):
         return contextlib.nullcontext(uri)
@@ -478,9 +271,7 @@ def _tracking(config: SearchConfig, home: Path) -> contextlib.AbstractContextMan
             f"a search needs an http(s) MLflow tracking server or a sqlite:/// database (served "
             f"for the search by a local mlflow server), got {uri!r}"
         )
-    database = Path(uri.removeprefix("sqlite:///"))
-    return mlflow_server(uri, database.parent / "mlartifacts",
-                         log_path=database.parent / "logs" / "mlflow-server.log")  # fmt: skip
+    return serve_sqlite(uri)
 
 
 def _concurrency(config: SearchConfig) -> int:
@@ -645,7 +436,7 @@ def search(
 
     preflight(config.train)  # the data, the init, the config: before a server or Ray starts
     runtime.connect()
-    with _tracking(config, home) as tracking_uri:
+    with _tracking(config) as tracking_uri:
         client = MlflowClient(tracking_uri)
         experiment_id = named_experiment(client, config.train.experiment)
         parent_run_id = _parent_run(client, experiment_id, config, resume=resume)
