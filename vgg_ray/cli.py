@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from vgg_ray.errors import ConfigError, redact
 
@@ -201,6 +203,33 @@ def add_field_options(parser: argparse.ArgumentParser, cls: type, *, skip=()) ->
             parser.add_argument(flag, type=convert, help=help_text)
 
 
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line (argparse leaves the others None)."""
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def _config_of(cls: type, args: argparse.Namespace, *, tuples: Sequence[str] = (), skip=()):
+    """A `cls` dataclass from the options given whose names are its fields; list options
+    named in `tuples` become tuples (the dataclasses are frozen and hashable)."""
+    options = _given(args)
+    for name in set(tuples) & set(options):
+        options[name] = tuple(options[name])
+    return cls(**{k: v for k, v in options.items() if k in _field_names(cls) and k not in skip})
+
+
+def _yaml_mapping(path: str, what: str) -> dict:
+    """The mapping of options in YAML file `path`; ConfigError if unreadable or not a mapping."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read {path}: {error}".splitlines()[0]) from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} options")
+    return values
+
+
 def _field_names(cls: type) -> set[str]:
     import dataclasses
 
@@ -215,8 +244,6 @@ def _profile_name(args: argparse.Namespace) -> str:
 def _profile_config(profile: str, arch: str | None, args: argparse.Namespace):
     """The profile's config; `small` reads the data set's size first (the demo set without
     --manifest)."""
-    from dataclasses import replace
-
     import numpy as np
 
     from vgg_ray.config import PROFILES, DataFacts, small
@@ -250,9 +277,6 @@ def _demo_manifest() -> str:
 
 def train_config(args: argparse.Namespace):
     """Profile, then YAML file, then each option given on the command line."""
-    from dataclasses import replace
-
-    import yaml
 
     from vgg_ray.config import TrainConfig
     from vgg_ray.data import StreamConfig
@@ -261,18 +285,13 @@ def train_config(args: argparse.Namespace):
     config = _profile_config(profile, getattr(args, "arch", None), args)
     yaml_values: dict = {}
     if args.config:
-        try:
-            values = yaml_values = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read {args.config}: {error}".splitlines()[0]) from error
-        if not isinstance(values, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of training options")
+        values = yaml_values = _yaml_mapping(args.config, "training")
         merged = config.to_dict()
         merged.update({k: v for k, v in values.items() if k != "data"})
         data = values.get("data") or {}  # not a mapping: from_dict says so
         merged["data"] = {**merged["data"], **data} if isinstance(data, dict) else data
         config = TrainConfig.from_dict(merged)
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = _given(args)
     data = replace(config.data, **{k: given[k] for k in _field_names(StreamConfig) & set(given)})
     loop = (_field_names(TrainConfig) - {"data"}) & set(given)
     config = replace(config, data=data, **{k: given[k] for k in loop})
@@ -286,8 +305,6 @@ def train_config(args: argparse.Namespace):
 
 def _paper_net_a(config):
     """The paper's init of a deep net (Sect. 3.1), where a trained net A is registered."""
-    from dataclasses import replace
-
     from vgg_ray.train_job import registered_net_a
 
     if source := registered_net_a(config):
@@ -341,8 +358,6 @@ DEMO_CHAIN_EPOCHS = 8  # a stage: the embedded default's 26 stages in 10-15 minu
 def reproduce_config(args: argparse.Namespace):
     """The chain's config: its own options, and the stages' base from `train_config`, built
     for net A (the chain's start: the paper profile's N(0, 0.01))."""
-    from dataclasses import replace
-
     from vgg_ray.reproduce import NETS, ReproduceConfig
 
     args.arch = "A"
@@ -402,10 +417,7 @@ def _size(text: str) -> int:
 def _prepare(args: argparse.Namespace) -> None:
     from vgg_ray.prepare import PrepareConfig, prepare
 
-    options = {k: v for k, v in vars(args).items() if v is not None}
-    fields = PrepareConfig.__dataclass_fields__
-    config = PrepareConfig(**{k: v for k, v in options.items() if k in fields})
-    print(f"prepared {prepare(config).line()}")
+    print(f"prepared {prepare(_config_of(PrepareConfig, args)).line()}")
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -442,12 +454,8 @@ def _stack(args: argparse.Namespace) -> int | None:
 
     state_dir = Path(args.state_dir) if args.state_dir else stack.default_state_dir()
     if args.action == "up":
-        options = {k: v for k, v in vars(args).items() if v is not None}
-        fields = stack.StackConfig.__dataclass_fields__
-        config = stack.StackConfig(
-            **{k: v for k, v in options.items() if k in fields and k != "state_dir"},
-            state_dir=state_dir,
-        )
+        config = replace(_config_of(stack.StackConfig, args, skip=("state_dir",)),
+                         state_dir=state_dir)  # fmt: skip
         already = stack.load(state_dir) is not None
         if not already:
             print(f"vgg-ray stack: starting in {state_dir} (logs in logs/) ...", file=sys.stderr)
@@ -485,12 +493,7 @@ def _scale_set(text: str) -> tuple[int, ...]:
 def _evaluate(args: argparse.Namespace) -> None:
     from vgg_ray.evaluate_job import EvaluateConfig, evaluate
 
-    options = {k: v for k, v in vars(args).items() if v is not None}
-    for name in ("models", "modes", "scales"):
-        if name in options:
-            options[name] = tuple(options[name])
-    fields = EvaluateConfig.__dataclass_fields__
-    evaluate(EvaluateConfig(**{k: v for k, v in options.items() if k in fields}))
+    evaluate(_config_of(EvaluateConfig, args, tuples=("models", "modes", "scales")))
 
 
 def _register(args: argparse.Namespace) -> None:
@@ -504,22 +507,13 @@ def _register(args: argparse.Namespace) -> None:
 def _register_ensemble(args: argparse.Namespace) -> None:
     from vgg_ray.registry import EnsembleConfig, register_ensemble
 
-    options = {k: v for k, v in vars(args).items() if v is not None}
-    for name in ("members", "scales"):
-        if name in options:
-            options[name] = tuple(options[name])
-    fields = EnsembleConfig.__dataclass_fields__
-    register_ensemble(EnsembleConfig(**{k: v for k, v in options.items() if k in fields}))
+    register_ensemble(_config_of(EnsembleConfig, args, tuples=("members", "scales")))
 
 
 def _promote(args: argparse.Namespace) -> int:
     from vgg_ray.registry import PromoteConfig, promote
 
-    options = {k: v for k, v in vars(args).items() if v is not None}
-    if "scales" in options:
-        options["scales"] = tuple(options["scales"])
-    fields = PromoteConfig.__dataclass_fields__
-    decision = promote(PromoteConfig(**{k: v for k, v in options.items() if k in fields}))
+    decision = promote(_config_of(PromoteConfig, args, tuples=("scales",)))
     return 0 if decision.promoted else 1  # a refusal is an answer, but scripts must see it
 
 
@@ -604,23 +598,14 @@ _SEARCH_TRAIN_OPTIONS = {"arch", "epochs", "workers", "gpus_per_worker", "cpus_p
 
 def search_config(args: argparse.Namespace):
     """Profile, then YAML file, then each option given on the command line."""
-    from dataclasses import replace
-
-    import yaml
 
     from vgg_ray.tune import PROFILES, SearchConfig
 
     profile = args.profile or ("paper" if args.manifest else "demo")
     config = PROFILES[profile](args.arch or "A")
     if args.config:
-        try:
-            values = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read {args.config}: {error}".splitlines()[0]) from error
-        if not isinstance(values, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of search options")
-        config = SearchConfig.from_dict(values, config)
-    given = {k: v for k, v in vars(args).items() if v is not None}
+        config = SearchConfig.from_dict(_yaml_mapping(args.config, "search"), config)
+    given = _given(args)
     train = config.train
     data = replace(train.data, **{k: given[k] for k in ("manifest", "s3_endpoint") if k in given})
     train = replace(train, data=data, **{k: given[k] for k in _SEARCH_TRAIN_OPTIONS if k in given})

@@ -25,6 +25,7 @@ from vgg_ray.data import StreamConfig
 from vgg_ray.errors import ConfigError
 from vgg_ray.models import CONFIGS, INITS
 from vgg_ray.schedules import SCHEDULES
+from vgg_ray.transforms import PAPER_SCALE
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -323,7 +324,7 @@ def paper(arch: str = "E", **overrides: Any) -> TrainConfig:
     paper initialised them from a trained net A (`init=<net A checkpoint>`, what `vgg-ray
     reproduce` does); without one they start from Glorot init, the paper's own alternative:
     N(0, 0.01) stalls nets this deep (their initial logits are ~1e-7, see `init_note`)."""
-    scale = (256, 256) if arch in SHALLOW else (256, 512)
+    scale = (256, 256) if arch in SHALLOW else PAPER_SCALE
     values: dict[str, Any] = dict(
         arch=arch, init="paper" if arch in SHALLOW else "glorot", data=StreamConfig(scale=scale)
     )

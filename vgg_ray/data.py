@@ -47,6 +47,8 @@ from vgg_ray.storage import (
     retry_transient,
 )
 from vgg_ray.transforms import (
+    PAPER_CROP,
+    PAPER_SCALE,
     ColorStats,
     EvalPreset,
     Prepared,
@@ -68,10 +70,10 @@ class StreamConfig:
     s3_endpoint: str | None = None
     """S3-compatible endpoint (http://host:port) for s3:// URIs; None: AWS_ENDPOINT_URL[_S3]
     or AWS itself."""
-    scale: tuple[int, int] = (256, 512)
+    scale: tuple[int, int] = PAPER_SCALE
     """Training scale (Smin, Smax): S per image uniform in [Smin, Smax] ("scale jittering",
     Sect. 3.1); Smin = Smax trains at the fixed scale S."""
-    crop: int = 224
+    crop: int = PAPER_CROP
     """Side of the square crop fed to the net (224 in the paper)."""
     eval_scale: int = 0
     """Q of validation during training: smaller side before the centre crop (Sect. 3.2).

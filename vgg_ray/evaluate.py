@@ -41,7 +41,7 @@ from torch import nn
 
 from vgg_ray.errors import ConfigError
 from vgg_ray.models import POOLED, VGG
-from vgg_ray.transforms import ColorStats, normalization
+from vgg_ray.transforms import PAPER_CROP, PAPER_SCALE, ColorStats, normalization
 
 MODES = ("single", "dense", "multicrop", "dense+multicrop")
 # What a mode averages: dense+multicrop is the mean of the other two (Sect. 4.3, Table 5).
@@ -62,9 +62,9 @@ class NetInfo:
 
     name: str
     """The net's label in result tables, e.g. "D" (the paper's "ConvNet config." column)."""
-    crop: int = 224
+    crop: int = PAPER_CROP
     """Side of the crops it was trained on; every test geometry is defined relative to it."""
-    train_scale: tuple[int, int] = (256, 512)
+    train_scale: tuple[int, int] = PAPER_SCALE
     """Training scale (Smin, Smax); Smin = Smax for a fixed-S net. Sets the default test scales."""
     normalize: str = "paper"
     """Input normalisation it was trained with: "paper" or "torchvision"."""

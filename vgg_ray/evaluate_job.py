@@ -43,7 +43,7 @@ from vgg_ray.evaluate import (
 )
 from vgg_ray.manifest import Manifest, check_shards, load_manifest, shard_sizes
 from vgg_ray.models import VGG
-from vgg_ray.transforms import ColorStats, decode_cpu, decode_gpu
+from vgg_ray.transforms import PAPER_SCALE, ColorStats, decode_cpu, decode_gpu
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +145,7 @@ def info_from_state(state: dict, source: str, run_id: str | None) -> NetInfo:
     return NetInfo(
         name=state["arch"],
         crop=int(data.get("crop", 224)),
-        train_scale=tuple(int(s) for s in data.get("scale", (256, 512))),
+        train_scale=tuple(int(s) for s in data.get("scale", PAPER_SCALE)),
         normalize=data.get("normalize", "paper"),
         stats=_stats(state.get("data_stats")),
         classes=tuple(state.get("classes", ())),

@@ -30,9 +30,10 @@ from typing import Any
 
 from vgg_ray.config import TrainConfig, default_home
 from vgg_ray.errors import ConfigError
+from vgg_ray.transforms import PAPER_CROP, PAPER_SCALE
 
 NETS = ("A", "A-LRN", "B", "C", "D", "E")
-SCALES = {"256": (256, 256), "384": (384, 384), "jitter": (256, 512)}  # the paper's train S
+SCALES = {"256": (256, 256), "384": (384, 384), "jitter": PAPER_SCALE}  # the paper's train S
 KINDS = ("train", "eval", "ensemble", "register")
 CHAIN_TAG = "vgg_ray.reproduce"
 STAGE_TAG = "vgg_ray.reproduce.stage"
@@ -202,7 +203,7 @@ class ReproduceConfig:
 
     @property
     def chain_name(self) -> str:
-        return self.name or ("paper" if self.base.data.crop == 224 else "demo")
+        return self.name or ("paper" if self.base.data.crop == PAPER_CROP else "demo")
 
 
 def stage_config(config: ReproduceConfig, stage: Stage, init: str = "") -> TrainConfig:

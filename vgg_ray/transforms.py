@@ -39,6 +39,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from vgg_ray.errors import ConfigError
 
 NORMALIZATIONS = ("paper", "torchvision")
+# The paper's training scale range (S jittered in [256, 512], Sect. 3.1) and crop: the defaults
+# of every preset and config, written here once.
+PAPER_SCALE = (256, 512)
+PAPER_CROP = 224
 # torchvision's ImageNet normalisation, for nets initialised from torchvision weights (0..1 scale).
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
@@ -204,10 +208,10 @@ def _check_common(crop: int | None, normalize: str, color_shift_std: float = 0.0
 class TrainingPreset:
     """Sect. 3.1's training augmentation. Call it, or `prepare` then `to_float`."""
 
-    scale: tuple[int, int] = (256, 512)
+    scale: tuple[int, int] = PAPER_SCALE
     """(Smin, Smax): S is drawn per image uniformly from the integers in [Smin, Smax]; Smin =
     Smax is the paper's fixed-scale training (S = 256 or 384)."""
-    crop: int = 224
+    crop: int = PAPER_CROP
     """Side of the square random crop (224 in the paper; e.g. 32 in tests and the demo)."""
     color_shift_std: float = 0.1
     """Std of alpha_i in AlexNet's PCA colour shift; 0 turns it off."""
@@ -288,7 +292,7 @@ class EvalPreset:
 
     scale: int = 256
     """Q, the test scale: the smaller side after the isotropic rescale."""
-    crop: int | None = 224
+    crop: int | None = PAPER_CROP
     """Side of the centre crop; None keeps the whole rescaled image (dense evaluation), and
     `prepare` then returns a list of differently sized images."""
     normalize: str = "paper"
@@ -327,8 +331,8 @@ class EvalPreset:
 
 def training(
     *,
-    scale: tuple[int, int] = (256, 512),
-    crop: int = 224,
+    scale: tuple[int, int] = PAPER_SCALE,
+    crop: int = PAPER_CROP,
     color_shift_std: float = 0.1,
     normalize: str = "paper",
     stats: ColorStats | None = None,
@@ -344,7 +348,7 @@ def training(
 def evaluation(
     *,
     scale: int = 256,
-    crop: int | None = 224,
+    crop: int | None = PAPER_CROP,
     whole: bool = False,
     normalize: str = "paper",
     stats: ColorStats | None = None,
