@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -88,6 +87,26 @@ def _conv_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
+@dataclass
+class LoopState:
+    """Where the loop stands: what a checkpoint carries (as a dict, `state["loop"]`) so that a
+    restart continues exactly."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps done, over the whole run
+    batch_in_epoch: int = 0  # steps done in the current epoch (> 0: a mid-epoch checkpoint)
+    history: list[dict[str, float]] = field(default_factory=list)  # each epoch's metrics
+    # the current epoch's training sums so far over all ranks (a mid-epoch checkpoint's)
+    epoch_sums: list[float] | None = None
+    nonfinite_steps: int = 0  # steps skipped this epoch (gradient not finite)
+    nonfinite_streak: int = 0  # of them, in a row up to now
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoopState:
+        known = {f.name for f in dataclasses.fields(cls)}  # (older checkpoints kept "best")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 class Worker:
     """One Ray Train worker: the net, its optimizer and lr schedule, and the loop state that a
     checkpoint carries so a restart continues exactly (epoch, step, batch in epoch, history).
@@ -125,8 +144,7 @@ class Worker:
             step_size=config.step_size, warmup=config.warmup_epochs,
             classes=len(self.manifest.classes),
         )  # fmt: skip
-        self.loop: dict[str, Any] = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "history": [],
-                                     "best": math.inf}  # fmt: skip
+        self.loop = LoopState()
         # The run's own latest checkpoint first (a worker failure, a resumed run); else the
         # checkpoint the run is told to start from (a Tune trial continuing a donor's or its own).
         own = ray.train.get_checkpoint()
@@ -139,18 +157,18 @@ class Worker:
                 unsent = state.get("unsent_metrics", [])
         else:
             if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
-                use_store(loop_config["tracking_uri"])
+                use_store(config.tracking_uri)
             initial_weights(model, config)
         self.model = parallelize(model, self.device, channels_last=self.channels_last,
                                  compile=config.compile)  # fmt: skip
-        self.tracker = (Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        self.tracker = (Tracker(config.tracking_uri, loop_config["mlflow_run_id"])
                         if self.rank == 0 else NullTracker())  # fmt: skip
         self.tracker.requeue(unsent)
 
     def train(self) -> None:
         """Epochs from where the loop state says, each: train -> validate -> log -> checkpoint."""
         config, loop = self.config, self.loop
-        for epoch in range(loop["epoch"], config.epochs):
+        for epoch in range(loop.epoch, config.epochs):
             for group in self.optimizer.param_groups:
                 group["lr"] = config.lr * self.schedule.multiplier(epoch)
             trained = self.train_epoch(epoch)
@@ -158,9 +176,8 @@ class Worker:
                 break
             metrics = self._metrics(epoch, trained, self.validate())
             self.schedule.update(1 - metrics["val_top1_error"])
-            loop.update(epoch=epoch + 1, batch_in_epoch=0, epoch_sums=None,
-                        best=min(loop["best"], metrics[SCORE]))  # fmt: skip
-            loop["history"].append(metrics)
+            loop.epoch, loop.batch_in_epoch, loop.epoch_sums = epoch + 1, 0, None
+            loop.history.append(metrics)
             self.tracker.log_metrics(metrics, step=epoch)
             if self.rank == 0:  # print() in a Ray Train worker can reach the driver twice
                 log.info(
@@ -185,14 +202,14 @@ class Worker:
                              world_size=self.world_size, batch_size=config.micro_batch,
                              device=device, training=True)  # fmt: skip
         self.model.train()
-        skip = loop["batch_in_epoch"]  # > 0 only when resuming from a mid-epoch checkpoint
+        skip = loop.batch_in_epoch  # > 0 only when resuming from a mid-epoch checkpoint
         # A mid-epoch checkpoint carries the epoch's sums so far over all ranks (rank 0 takes
         # them back), so the epoch's metrics after a restart count every batch exactly once.
-        sums = loop.get("epoch_sums") if skip and self.rank == 0 else None
+        sums = loop.epoch_sums if skip and self.rank == 0 else None
         seen, loss_sum, c1, c5, wait, before = sums or (0.0, 0.0, 0, 0, 0.0, 0.0)
         correct = torch.tensor([int(c1), int(c5)], dtype=torch.long, device=device)
         if not skip:
-            loop["nonfinite_steps"] = 0  # steps skipped this epoch: the same on every rank
+            loop.nonfinite_steps = 0  # steps skipped this epoch: the same on every rank
         started = tick = time.perf_counter() - before
 
         def sums_so_far() -> list[float]:  # this rank's; a checkpoint holds them over all ranks
@@ -209,28 +226,28 @@ class Worker:
             wait += time.perf_counter() - tick
             step = train_step(self.model, self.optimizer, micro_batches, bf16=self.bf16,
                               clip_grad_norm=config.clip_grad_norm)  # fmt: skip
-            loop["step"] += 1
-            loop["batch_in_epoch"] += 1
+            loop.step += 1
+            loop.batch_in_epoch += 1
             if step.applied:
                 rows = sum(len(y) for _, y in micro_batches)
                 seen, loss_sum = seen + rows, loss_sum + step.loss * rows
                 correct += step.correct
-                loop["nonfinite_streak"] = 0
+                loop.nonfinite_streak = 0
             else:  # skipped: not counted in the epoch's loss and accuracy
-                loop["nonfinite_steps"] = loop.get("nonfinite_steps", 0) + 1
-                loop["nonfinite_streak"] = streak = loop.get("nonfinite_streak", 0) + 1
+                loop.nonfinite_steps += 1
+                loop.nonfinite_streak = streak = loop.nonfinite_streak + 1
                 if streak >= config.max_nonfinite_steps:
                     self._stop_diverged(epoch, streak, sums_so_far())
                     return None
-            if loop["step"] % config.log_every_steps == 0:
+            if loop.step % config.log_every_steps == 0:
                 self.tracker.log_metrics(
                     {"train_loss_step": step.loss, "grad_norm": step.grad_norm,
                      "lr": self.optimizer.param_groups[0]["lr"]},
-                    step=loop["step"],
+                    step=loop.step,
                 )  # fmt: skip
-            if config.checkpoint_every_steps and loop["step"] % config.checkpoint_every_steps == 0:
-                loop["epoch_sums"] = self._sum_over_ranks(sums_so_far())
-                self.report({"epoch": epoch, "step": loop["step"]}, is_epoch_end=False)
+            if config.checkpoint_every_steps and loop.step % config.checkpoint_every_steps == 0:
+                loop.epoch_sums = self._sum_over_ranks(sums_so_far())
+                self.report({"epoch": epoch, "step": loop.step}, is_epoch_end=False)
             tick = time.perf_counter()
         return self._sum_over_ranks([*sums_so_far(), stream.skipped])
 
@@ -239,16 +256,16 @@ class Worker:
         the weights) and report the run as diverged. The streak's batches are handed back to the
         epoch, so a run continued with a lower lr trains on them."""
         loop = self.loop
-        back = min(streak, loop["batch_in_epoch"])  # a streak may have begun last epoch
-        loop["step"] -= back
-        loop["batch_in_epoch"] -= back
-        loop["nonfinite_steps"] -= back
-        loop["nonfinite_streak"] = 0
-        loop["epoch_sums"] = self._sum_over_ranks(partial)
+        back = min(streak, loop.batch_in_epoch)  # a streak may have begun last epoch
+        loop.step -= back
+        loop.batch_in_epoch -= back
+        loop.nonfinite_steps -= back
+        loop.nonfinite_streak = 0
+        loop.epoch_sums = self._sum_over_ranks(partial)
         if self.rank == 0:
             log.error("epoch %d: %d steps in a row had a non-finite gradient; stopping the run",
                       epoch + 1, streak)  # fmt: skip
-        self.report({"epoch": epoch, "step": loop["step"], "diverged": float(streak)},
+        self.report({"epoch": epoch, "step": loop.step, "diverged": float(streak)},
                     is_epoch_end=False, suffix="-diverged")  # fmt: skip
 
     def validate(self) -> list[float]:
@@ -265,7 +282,7 @@ class Worker:
         rows, val_rows = max(rows, 1.0), max(val[0], 1.0)
         return {
             "epoch": epoch,
-            "step": self.loop["step"],
+            "step": self.loop.step,
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": loss_sum / rows,
             "train_top1_error": 1 - c1 / rows,
@@ -277,14 +294,14 @@ class Worker:
             "images_per_s": rows / max(elapsed / self.world_size, 1e-9),
             "data_wait_share": wait / max(elapsed, 1e-9),
             "skipped_records": skipped,
-            "nonfinite_steps": self.loop.get("nonfinite_steps", 0),
+            "nonfinite_steps": self.loop.nonfinite_steps,
         }
 
     def report(self, metrics: dict[str, float], *, is_epoch_end: bool, suffix: str = "") -> None:
         """Every rank calls this equally often (it is a collective); rank 0 writes the state."""
         import ray.train
 
-        name = f"epoch-{self.loop['epoch']:04d}-step-{self.loop['step']:08d}{suffix}"
+        name = f"epoch-{self.loop.epoch:04d}-step-{self.loop.step:08d}{suffix}"
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
@@ -306,7 +323,8 @@ class Worker:
             "arch": config.arch, "width": config.width, "classes": list(self.manifest.wnids),
             "config": config.to_dict(), "data_stats": dataclasses.asdict(self.manifest.stats),
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(), "rng": ckpt.rng_state(), "loop": self.loop,
+            "scheduler": self.schedule.state_dict(), "rng": ckpt.rng_state(),
+            "loop": dataclasses.asdict(self.loop),
             # metric values rank 0 could not send yet, and those a full queue dropped (counted)
             "unsent_metrics": self.tracker.unsent(), "dropped_metrics": self.tracker.dropped,
         }  # fmt: skip
@@ -316,7 +334,7 @@ class Worker:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        self.loop = state["loop"]
+        self.loop = LoopState.from_dict(state["loop"])
         # The config wins over the optimizer state restored: a PBT trial continues another
         # trial's checkpoint with its own (perturbed) weight decay and base lr.
         for group in self.optimizer.param_groups:

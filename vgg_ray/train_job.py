@@ -222,7 +222,6 @@ def build_trainer(
         train_loop_config={
             "config": config.to_dict(),
             "mlflow_run_id": run_id,
-            "tracking_uri": config.tracking_uri,
             "start_checkpoint": start_checkpoint,
         },
         scaling_config=ScalingConfig(
