@@ -644,27 +644,8 @@ def tune_main(argv: Sequence[str]) -> int:
     return _dispatch(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="vgg-ray", description="Train and evaluate the VGG family on Ray.")
-    commands = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=Parser
-    )
-
-    train = commands.add_parser("train", help="train a net on Ray (the paper's recipe)")
-    add_train_options(train)
-    train.set_defaults(run=_train)
-
-    reproduce = commands.add_parser("reproduce", help=REPRODUCE_HELP)
-    add_reproduce_options(reproduce)
-    reproduce.set_defaults(run=_reproduce)
-
-    models = commands.add_parser("models", help="the six nets of Table 1: layers, size, cost")
-    models.set_defaults(run=_models)
-
-    prepare = commands.add_parser(
-        "prepare", help="an ImageNet-style tree into Parquet shards + manifest (docs/data.md)"
-    )
-    add = prepare.add_argument
+def _prepare_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("src", help="folder holding train/<wnid>/*.JPEG and optionally val/")
     add("dest", help="output folder or s3://bucket/prefix")
     add("--val-labels", metavar="FILE", help="labels for flat val/: LOC_val_solution.csv "
@@ -677,30 +658,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=_non_negative, help="shuffle and stats-sample seed (default 0)")
     add("--stats-sample", type=_at_least_one, help="images for mean RGB and PCA (default 10000)")
     add("--no-progress", dest="progress", action="store_false", default=None)
-    prepare.set_defaults(run=_prepare)
 
-    verify = commands.add_parser(
-        "verify", help="check every shard's size and sha256 against the manifest"
-    )
-    verify.add_argument("manifest", help="manifest.json or its folder (local or s3://)")
-    verify.add_argument("--s3-endpoint", type=_s3_endpoint, help="S3-compatible endpoint URL")
-    verify.set_defaults(run=_verify)
 
-    demo = commands.add_parser("demo-data", help="write the small generated demo tree")
-    demo.add_argument("dest", help="folder to write train/, val/ and class names into")
-    demo.add_argument("--classes", type=int, default=4)
-    demo.add_argument("--train-per-class", type=int, default=100)
-    demo.add_argument("--val-per-class", type=int, default=25)
-    demo.add_argument("--seed", type=_non_negative, default=0)
-    demo.add_argument("--oddities", action="store_true", help="add CMYK, PNG, truncated, ...")
-    demo.set_defaults(run=_demo_data)
+def _verify_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="manifest.json or its folder (local or s3://)")
+    parser.add_argument("--s3-endpoint", type=_s3_endpoint, help="S3-compatible endpoint URL")
 
-    stack = commands.add_parser(
-        "stack", help="one-machine Ray head + S3 endpoint + MLflow server (docs/cluster.md)"
-    )
-    add = stack.add_argument
+
+def _demo_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dest", help="folder to write train/, val/ and class names into")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--train-per-class", type=int, default=100)
+    parser.add_argument("--val-per-class", type=int, default=25)
+    parser.add_argument("--seed", type=_non_negative, default=0)
+    parser.add_argument("--oddities", action="store_true", help="add CMYK, PNG, truncated, ...")
+
+
+def _stack_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("action", choices=["up", "down", "status", "env"])
-    add("--state-dir", help="pids, logs, MLflow database (default: $VGG_RAY_HOME/stack)")
+    add("--state-dir", help="pids, logs, MLflow database (default: $VGG_RAY_HOME/parser)")
     add("--s3-port", type=int, help="S3 endpoint (default 9000)")
     add("--mlflow-port", type=int, help="MLflow server (default 5000)")
     add("--ray-port", type=int, help="Ray GCS (default 6379)")
@@ -711,17 +688,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bucket", help="bucket created on the S3 endpoint (default vgg-ray)")
     add("--no-token-auth", dest="token_auth", action="store_false", default=None,
         help="Ray without token authentication (loopback only anyway)")  # fmt: skip
-    stack.set_defaults(run=_stack)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="the paper's test protocol: dense, multi-crop, multi-scale, ensembles"
-    )
-    add = evaluate.add_argument
+
+def _evaluate_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--model", dest="models", action="append", metavar="SOURCE",
         help="checkpoint (folder, state.pt, s3://), runs:/<id>, run id, models:/name/version or "
         "models:/name@alias; repeat for an ensemble")  # fmt: skip
     add("--manifest", help="shards' manifest (default: the data the first model trained on)")
-    add("--split", help="split to evaluate (default val)")
+    add("--split", help="split to parser (default val)")
     add("--mode", dest="modes", action="append", choices=list(EVAL_MODES),
         help="repeatable; default: all four")  # fmt: skip
     add("--scales", action="append", type=_scale_set, metavar="Q[,Q...]",
@@ -737,28 +712,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None)
     add("--output", help="folder for table.md, table.csv, per_class.csv")
     add("--progress-every", type=int, help="a progress line every N images (default 1000)")
-    evaluate.set_defaults(run=_evaluate)
 
-    tune = commands.add_parser("tune", help="search lr schedules with Ray Tune (docs/tune.md)")
-    add_tune_options(tune)
-    tune.set_defaults(run=_tune)
 
-    register = commands.add_parser(
-        "register", help="register trained nets from their MLflow runs (docs/registry.md)"
-    )
-    add = register.add_argument
+def _register_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--run", dest="runs", action="append", metavar="RUN",
         help="training run id or runs:/<id>; repeatable")  # fmt: skip
     add("--name", help="registered model name (default: vgg-<arch> per run)")
     _tracking_option(add)
     add("--s3-endpoint", type=_s3_endpoint, help="S3-compatible endpoint URL, for a manifest "
         "on S3")  # fmt: skip
-    register.set_defaults(run=_register)
 
-    ensemble = commands.add_parser(
-        "register-ensemble", help="register an ensemble (D+E, Table 6) as one pyfunc model"
-    )
-    add = ensemble.add_argument
+
+def _register_ensemble_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--member", dest="members", action="append", metavar="SOURCE",
         help="models:/vgg-D@champion, models:/vgg-D/3, runs:/<id>, run id or checkpoint; "
         "repeatable")  # fmt: skip
@@ -769,12 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--experiment", help="MLflow experiment when no member has a run (default vgg-ray)")
     _tracking_option(add)
     _s3_option(add)
-    ensemble.set_defaults(run=_register_ensemble)
 
-    promote = commands.add_parser(
-        "promote", help="evaluate @challenger vs @champion; move @champion only if better"
-    )
-    add = promote.add_argument
+
+def _promote_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("name", help="registered model, e.g. vgg-DE")
     add("--manifest", help="held-out data (default: the data the challenger was trained on)")
     add("--split", help="split to compare on (default val)")
@@ -789,16 +754,83 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not log the evaluations' tables to MLflow (evidence tags still are)")  # fmt: skip
     _tracking_option(add)
     _s3_option(add)
-    promote.set_defaults(run=_promote)
 
-    rollback = commands.add_parser(
-        "rollback", help="move @champion back to the version it replaced"
+
+def _rollback_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="registered model, e.g. vgg-DE")
+    _tracking_option(parser.add_argument)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="vgg-ray", description="Train and evaluate the VGG family on Ray.")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
-    rollback.add_argument("name", help="registered model, e.g. vgg-DE")
-    _tracking_option(rollback.add_argument)
-    rollback.set_defaults(run=_rollback)
-
+    for name, help_text, add_options, run in _commands():
+        command = commands.add_parser(name, help=help_text)
+        if add_options:
+            add_options(command)
+        command.set_defaults(run=run)
     return parser
+
+
+def _commands() -> list[tuple[str, str, Callable | None, Callable]]:
+    """Every `vgg-ray` command: (name, help, the function adding its options, what it runs)."""
+    return [
+        ("train", "train a net on Ray (the paper's recipe)", add_train_options, _train),
+        ("reproduce", REPRODUCE_HELP, add_reproduce_options, _reproduce),
+        ("models", "the six nets of Table 1: layers, size, cost", None, _models),
+        (
+            "prepare",
+            "an ImageNet-style tree into Parquet shards + manifest (docs/data.md)",
+            _prepare_options,
+            _prepare,
+        ),
+        (
+            "verify",
+            "check every shard's size and sha256 against the manifest",
+            _verify_options,
+            _verify,
+        ),
+        ("demo-data", "write the small generated demo tree", _demo_data_options, _demo_data),
+        (
+            "stack",
+            "one-machine Ray head + S3 endpoint + MLflow server (docs/cluster.md)",
+            _stack_options,
+            _stack,
+        ),
+        (
+            "evaluate",
+            "the paper's test protocol: dense, multi-crop, multi-scale, ensembles",
+            _evaluate_options,
+            _evaluate,
+        ),
+        ("tune", "search lr schedules with Ray Tune (docs/tune.md)", add_tune_options, _tune),
+        (
+            "register",
+            "register trained nets from their MLflow runs (docs/registry.md)",
+            _register_options,
+            _register,
+        ),
+        (
+            "register-ensemble",
+            "register an ensemble (D+E, Table 6) as one pyfunc model",
+            _register_ensemble_options,
+            _register_ensemble,
+        ),
+        (
+            "promote",
+            "evaluate @challenger vs @champion; move @champion only if better",
+            _promote_options,
+            _promote,
+        ),
+        (
+            "rollback",
+            "move @champion back to the version it replaced",
+            _rollback_options,
+            _rollback,
+        ),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
