@@ -204,23 +204,11 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
 
     if source.startswith("models:/"):
         client = _client(tracking_uri)
-        spec = source.removeprefix("models:/")
-        name, _, alias = spec.partition("@")
-        try:
-            if alias:
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, number = spec.rpartition("/")
-                version = client.get_model_version(name, number)
-        except Exception as error:
-            raise ConfigError(f"no registered model {source}: {error}".splitlines()[0]) from error
+        version = tracking.model_version(client, source)
         run = client.get_run(version.run_id) if version.run_id else None
         return _mlflow_model(source, run, source)
-    run_id, path = None, ""
-    if source.startswith("runs:/"):
-        run_id, _, path = source.removeprefix("runs:/").partition("/")
-    elif tracking.RUN_ID.match(source) and not Path(source).exists():
-        run_id = source
+    run_id = tracking.source_run_id(source)
+    path = source.removeprefix("runs:/").partition("/")[2] if source.startswith("runs:/") else ""
     if run_id is None:  # a checkpoint
         model, state = load_trained(source, s3_endpoint=s3_endpoint)
         if model is None or "arch" not in state:
@@ -229,12 +217,7 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
         return LoadedNet(
             model.eval(), info_from_state(state, source, _checkpoint_run(state, tracking_uri))
         )
-    client = _client(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception as error:
-        raise ConfigError(f"no MLflow run {run_id} at {tracking_uri}: "
-                          f"{error}".splitlines()[0]) from error  # fmt: skip
+    run = tracking.get_run(_client(tracking_uri), run_id)
     checkpoint = run.data.tags.get("best_checkpoint")
     if not path and checkpoint:  # the full state: carries the data statistics too
         model, state = load_trained(checkpoint, s3_endpoint=s3_endpoint)

@@ -30,12 +30,15 @@ from typing import Any
 from vgg_ray.errors import ConfigError
 from vgg_ray.evaluate import MODES, NetInfo, protocols
 from vgg_ray.tracking import (
-    RUN_ID,
     check_reachable,
     configure_uploads,
+    get_run,
     model_requirements,
+    model_version,
     resolve_uri,
+    source_run_id,
     use_store,
+    version_by_alias,
 )
 from vgg_ray.tracking import experiment_id as named_experiment
 
@@ -197,48 +200,6 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-def _run(client, run_id: str):
-    try:
-        return client.get_run(run_id)
-    except Exception as error:
-        raise ConfigError(f"no MLflow run {run_id} at {client.tracking_uri}: "
-                          f"{_first_line(error)}") from None  # fmt: skip
-
-
-def _run_id(source: str) -> str | None:
-    """The run id in `runs:/<id>[/path]` or a bare run id; None for anything else."""
-    if source.startswith("runs:/"):
-        return source.removeprefix("runs:/").partition("/")[0]
-    if RUN_ID.match(source) and not Path(source).exists():
-        return source
-    return None
-
-
-def version_by_alias(client, name: str, alias: str):
-    """The version holding `alias`; ConfigError naming what exists when there is none."""
-    try:
-        model = client.get_registered_model(name)
-    except Exception:
-        raise ConfigError(f"no registered model {name!r} at {client.tracking_uri}") from None
-    if alias not in model.aliases:
-        known = ", ".join(f"@{a} (version {v})" for a, v in sorted(model.aliases.items()))
-        raise ConfigError(f"registered model {name!r} has no alias @{alias} (it has: "
-                          f"{known or 'no aliases'})")  # fmt: skip
-    return client.get_model_version_by_alias(name, alias)
-
-
-def _version(client, uri: str):
-    """The version a `models:/name/version` or `models:/name@alias` URI names."""
-    spec = uri.removeprefix("models:/")
-    if "@" in spec:
-        return version_by_alias(client, *spec.split("@", 1))
-    name, _, number = spec.rpartition("/")
-    try:
-        return client.get_model_version(name, number)
-    except Exception:
-        raise ConfigError(f"no registered model version {uri}") from None
-
-
 def manifest_sha256(uri: str, *, s3_endpoint: str | None = None) -> str:
     """sha256 of manifest.json's bytes: names the exact data (shards, classes, statistics)."""
     from vgg_ray.manifest import manifest_file_uri
@@ -280,10 +241,10 @@ def register_runs(config: RegisterConfig) -> list[Registered]:
     configure_uploads()
     registered = []
     for source in config.runs:
-        run_id = _run_id(source)
+        run_id = source_run_id(source)
         if run_id is None:
             raise ConfigError(f"{source!r} is not a run id or runs:/<id> URI")
-        run = _run(client, run_id)
+        run = get_run(client, run_id)
         params, metrics = run.data.params, run.data.metrics
         arch = params.get("arch") or run.data.tags.get("arch")
         if not arch:
@@ -340,14 +301,14 @@ def resolve_member(client, source: str, *, s3_endpoint: str | None = None) -> Me
 
     run_id, checkpoint = None, source
     if source.startswith("models:/"):
-        version = _version(client, source)
+        version = model_version(client, source)
         if version.tags.get(KIND) == "ensemble":
             raise ConfigError(f"{source} is an ensemble; members must be single nets")
         run_id = version.run_id
     else:
-        run_id = _run_id(source)
+        run_id = source_run_id(source)
     if run_id:
-        checkpoint = _run(client, run_id).data.tags.get("best_checkpoint", "")
+        checkpoint = get_run(client, run_id).data.tags.get("best_checkpoint", "")
         if not checkpoint:
             raise ConfigError(f"{source}: run {run_id} has no best_checkpoint tag; an ensemble "
                               "member needs the net's vgg-ray checkpoint")  # fmt: skip
@@ -429,7 +390,7 @@ def register_ensemble(config: EnsembleConfig) -> Registered:
     classes = list(members[0].state["classes"])
     first_run = next((m.run_id for m in members if m.run_id), None)
     if first_run:
-        experiment_id = _run(client, first_run).info.experiment_id
+        experiment_id = get_run(client, first_run).info.experiment_id
     else:  # on a local sqlite store, its artifacts beside the database (not ./mlruns)
         experiment_id = named_experiment(client, config.experiment)
     manifest = members[0].info.manifest

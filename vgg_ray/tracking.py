@@ -111,6 +111,52 @@ def run_tags(config: Any) -> dict[str, str]:
     }
 
 
+def get_run(client, run_id: str):
+    """The MLflow run `run_id`; ConfigError naming the store when there is none."""
+    try:
+        return client.get_run(run_id)
+    except Exception as error:
+        raise ConfigError(f"no MLflow run {run_id} at {client.tracking_uri}: "
+                          f"{str(error).splitlines()[0][:200]}") from None  # fmt: skip
+
+
+def source_run_id(source: str) -> str | None:
+    """The run id a model source names (`runs:/<id>[/path]` or a bare run id that is not a
+    path); None for anything else (a checkpoint, a `models:/` URI)."""
+    from pathlib import Path
+
+    if source.startswith("runs:/"):
+        return source.removeprefix("runs:/").partition("/")[0]
+    if RUN_ID.match(source) and not Path(source).exists():
+        return source
+    return None
+
+
+def version_by_alias(client, name: str, alias: str):
+    """The version holding `alias`; ConfigError naming what exists when there is none."""
+    try:
+        model = client.get_registered_model(name)
+    except Exception:
+        raise ConfigError(f"no registered model {name!r} at {client.tracking_uri}") from None
+    if alias not in model.aliases:
+        known = ", ".join(f"@{a} (version {v})" for a, v in sorted(model.aliases.items()))
+        raise ConfigError(f"registered model {name!r} has no alias @{alias} (it has: "
+                          f"{known or 'no aliases'})")  # fmt: skip
+    return client.get_model_version_by_alias(name, alias)
+
+
+def model_version(client, uri: str):
+    """The version a `models:/name/version` or `models:/name@alias` URI names."""
+    spec = uri.removeprefix("models:/")
+    if "@" in spec:
+        return version_by_alias(client, *spec.split("@", 1))
+    name, _, number = spec.rpartition("/")
+    try:
+        return client.get_model_version(name, number)
+    except Exception:
+        raise ConfigError(f"no registered model {uri}") from None
+
+
 def use_store(tracking_uri: str) -> None:
     """Point MLflow's process-wide URIs (tracking and registry) at one store: `models:/` and
     `runs:/` downloads resolve through them, whatever client a caller holds."""
