@@ -196,10 +196,6 @@ def _client(tracking_uri: str):
     return MlflowClient(uri, registry_uri=uri)
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
 def manifest_sha256(uri: str, *, s3_endpoint: str | None = None) -> str:
     """sha256 of manifest.json's bytes: names the exact data (shards, classes, statistics)."""
     from vgg_ray.manifest import manifest_file_uri
