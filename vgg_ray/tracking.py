@@ -1,4 +1,6 @@
-"""MLflow tracking that never stops training.
+"""Everything MLflow, in one place: the tracking URI and its local default, clients and
+experiments, runs and registered versions named by a model source, the tags every run carries,
+logging a trained net, and the metrics of a run, which never stop training.
 
 Rank 0 holds a `Tracker`; every other rank a `NullTracker`, so the loop has no `if rank == 0`.
 Metrics are queued and sent in batches; while the tracking server is unreachable they stay queued
