@@ -74,37 +74,27 @@ def _actor_options(add: Callable) -> None:
     add("--batch-size", type=int, help="images per batch sent to an actor (default 32)")
 
 
-def _at_least_one(text: str) -> int:
-    """A count that must be given as 1 or more (omitting the option takes the default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (omit it for the default), got {value}")
-    return value
+def _number(kind: type, least: float, note: str = "") -> Callable[[str], Any]:
+    """An argparse type: a `kind` (int or float) of at least `least`; NaN is refused."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not value >= least:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be >= {least}{note}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    """A count or seed that must be 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    """A resource amount (GPUs, CPUs) that must be 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+# A count given as 1 or more (omitting it takes the default); a count or seed of 0 or more; a
+# resource amount (GPUs, CPUs) of 0 or more.
+_at_least_one = _number(int, 1, " (omit it for the default)")
+_non_negative = _number(int, 0)
+_non_negative_float = _number(float, 0)
 
 
 def _scale(text: str) -> tuple[int, int]:
