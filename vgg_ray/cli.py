@@ -578,35 +578,29 @@ def add_tune_options(parser: argparse.ArgumentParser) -> None:
     add("--best-config", help="where to write the best config (YAML for train --config)")
 
 
-_SEARCH_OPTIONS = {"scheduler", "num_samples", "max_concurrent_trials", "grace_period",
-                   "reduction_factor", "perturbation_interval", "pbt_synch", "trial_max_failures",
-                   "name", "storage_path", "best_config"}  # fmt: skip
-_SPACE_OPTIONS = {"lr", "weight_decay", "schedule", "lr_factor", "lr_patience", "global_batch"}
-_SEARCH_TRAIN_OPTIONS = {"arch", "epochs", "workers", "gpus_per_worker", "cpus_per_worker",
-                         "tracking_uri", "experiment"}  # fmt: skip
-
-
 def search_config(args: argparse.Namespace):
     """Profile, then YAML file, then each option given on the command line."""
 
-    from vgg_ray.tune import PROFILES, SearchConfig
+    from vgg_ray.config import TrainConfig
+    from vgg_ray.data import StreamConfig
+    from vgg_ray.tune import PROFILES, SearchConfig, SearchSpace
 
     profile = args.profile or ("paper" if args.manifest else "demo")
     config = PROFILES[profile](args.arch or "A")
     if args.config:
         config = SearchConfig.from_dict(_yaml_mapping(args.config, "search"), config)
     given = _given(args)
-    train = config.train
-    data = replace(train.data, **{k: given[k] for k in ("manifest", "s3_endpoint") if k in given})
-    train = replace(train, data=data, **{k: given[k] for k in _SEARCH_TRAIN_OPTIONS if k in given})
-    if "seed" in given:
-        config = replace(config, seed=given["seed"])
-    config = replace(
-        config,
-        train=train,
-        space=replace(config.space, **{k: given[k] for k in _SPACE_OPTIONS if k in given}),
-        **{k: given[k] for k in _SEARCH_OPTIONS if k in given},
-    )
+
+    def of(cls: type, *, skip: set[str] = set()) -> dict[str, Any]:  # noqa: B006 (not mutated)
+        """The options given that are fields of `cls` (each option has one home: the search's
+        own first, then the space's, then the training run's, then its data's)."""
+        return {k: given[k] for k in (_field_names(cls) - skip) & set(given)}
+
+    search, space = of(SearchConfig, skip={"train", "space"}), of(SearchSpace)
+    train_options = of(TrainConfig, skip={"data"} | set(search) | set(space))
+    data = replace(config.train.data, **of(StreamConfig, skip=set(search) | set(train_options)))
+    train = replace(config.train, data=data, **train_options)
+    config = replace(config, train=train, space=replace(config.space, **space), **search)
     if not config.train.data.manifest:
         from vgg_ray.demo import ensure_demo_shards
 
