@@ -128,6 +128,7 @@ def test_the_search_server_dies_with_its_driver(tmp_path):
     )
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     uri = driver.stdout.readline().strip()
+    assert uri.startswith("http://"), f"the server did not start; see {tmp_path / 'log'}"
     urllib.request.urlopen(f"{uri}/health", timeout=5).close()  # it serves
     driver.send_signal(signal.SIGKILL)
     driver.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -208,8 +209,16 @@ def load_trained(source: str, *, s3_endpoint: str | None = None) -> tuple[VGG | 
         with tempfile.TemporaryDirectory() as local:
             name = STATE_FILE if not path.endswith(".pt") else Path(path).name
             remote = path if path.endswith(".pt") else f"{path.rstrip('/')}/{STATE_FILE}"
-            with filesystem.open_input_stream(remote) as stream:
-                (Path(local) / name).write_bytes(stream.read())
+            # a vgg-ray checkpoint's digest comes along, so the copy is verified as it loads
+            files = [(remote, name)]
+            if name == STATE_FILE:
+                files.append((f"{posixpath.dirname(remote)}/{DIGEST_FILE}", DIGEST_FILE))
+            for remote_file, local_name in files:
+                try:
+                    with filesystem.open_input_stream(remote_file) as stream:
+                        (Path(local) / local_name).write_bytes(stream.read())
+                except FileNotFoundError:  # load_state names what is missing
+                    continue
             state = load_state(Path(local) / name)
     else:
         state = load_state(source)
