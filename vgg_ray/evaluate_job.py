@@ -178,11 +178,8 @@ def _checkpoint_run(state: dict, tracking_uri: str) -> str | None:
         experiment = client.get_experiment_by_name(config.get("experiment", "vgg-ray"))
         if experiment is None:
             return None
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`vgg_ray.run_name` = '{config['run_name']}'",
-            max_results=1,
-        )
+        tags = {"vgg_ray.run_name": config["run_name"]}
+        runs = tracking.runs_tagged(client, [experiment.experiment_id], tags, max_results=1)
         return runs[0].info.run_id if runs else None
     except Exception:  # a checkpoint without a reachable run is still evaluated
         return None

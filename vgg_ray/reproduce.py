@@ -251,8 +251,10 @@ class Chain:
 
 def _chain_runs(client, experiment_id: str, name: str) -> list:
     """Every run of chain `name`, oldest first (a stage's latest run wins in a dict)."""
-    return client.search_runs([experiment_id], filter_string=f"tags.`{CHAIN_TAG}` = '{name}'",
-                              order_by=["attributes.start_time ASC"])  # fmt: skip
+    from vgg_ray.tracking import runs_tagged
+
+    return runs_tagged(client, [experiment_id], {CHAIN_TAG: name},
+                       order_by=["attributes.start_time ASC"])  # fmt: skip
 
 
 def _open_chain(config: ReproduceConfig, tracking_uri: str) -> Chain:
@@ -332,13 +334,12 @@ def _best_checkpoint(chain: Chain, stage: str) -> str:
 
 
 def _run_train(config: ReproduceConfig, chain: Chain, stage: Stage, tracking_uri: str) -> None:
-    from vgg_ray.train_job import _run_exists, _storage, train
+    from vgg_ray.train_job import run_exists, train
 
     parent = stage.parents[0] if stage.parents else ""
     init = _best_checkpoint(chain, parent) if parent else ""
     train_config = replace(stage_config(config, stage, init), tracking_uri=tracking_uri)
-    filesystem, path = _storage(train_config)
-    resume = _run_exists(filesystem, path, train_config.run_name)
+    resume = run_exists(train_config)
     if resume:
         print(f"vgg-ray reproduce: {stage.name}: continuing its run from the latest checkpoint",
               flush=True)  # fmt: skip

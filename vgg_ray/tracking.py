@@ -122,6 +122,14 @@ def get_run(client, run_id: str):
                           f"{str(error).splitlines()[0][:200]}") from None  # fmt: skip
 
 
+def runs_tagged(client, experiment_ids: list[str], tags: dict[str, str], **search: Any) -> list:
+    """The runs of `experiment_ids` that carry every tag in `tags` (an exact match each);
+    `search` goes to `search_runs` (order_by, max_results, ...). How runs are found again: a
+    training run by its name, a search's and trials' by their ids, a chain's by its name."""
+    query = " AND ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    return client.search_runs(list(experiment_ids), filter_string=query, **search)
+
+
 def source_run_id(source: str) -> str | None:
     """The run id a model source names (`runs:/<id>[/path]` or a bare run id that is not a
     path); None for anything else (a checkpoint, a `models:/` URI)."""

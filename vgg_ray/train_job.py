@@ -31,6 +31,7 @@ from vgg_ray.tracking import (
     open_client,
     resolve_uri,
     run_tags,
+    runs_tagged,
     use_store,
 )
 from vgg_ray.train import RANK, SCORE, initial_weights, train_worker
@@ -120,15 +121,19 @@ def _storage(config: TrainConfig):
     return None, str(path)
 
 
-def _check_resumable(config: TrainConfig) -> None:
-    """Before a resume reaches the cluster: the run has a checkpoint that verifies (the one
-    the workers will continue from, damaged newer ones named and skipped)."""
+def _run_folder(config: TrainConfig) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of the run's own folder under the storage path."""
     import pyarrow.fs
 
     filesystem, path = _storage(config)
-    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    return filesystem or pyarrow.fs.LocalFileSystem(), f"{path.rstrip('/')}/{config.run_name}"
+
+
+def _check_resumable(config: TrainConfig) -> None:
+    """Before a resume reaches the cluster: the run has a checkpoint that verifies (the one
+    the workers will continue from, damaged newer ones named and skipped)."""
     try:
-        ckpt.newest_intact(filesystem, f"{path.rstrip('/')}/{config.run_name}")
+        ckpt.newest_intact(*_run_folder(config))
     except ConfigError as error:
         raise ConfigError(f"cannot resume run {config.run_name!r}: {error}: {NO_RESUME}") from None
 
@@ -142,9 +147,7 @@ def _drop_if_no_checkpoint(config: TrainConfig) -> bool:
     to resume, and would block the run's name); True if it did."""
     import pyarrow.fs
 
-    filesystem, path = _storage(config)
-    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
-    folder = f"{path.rstrip('/')}/{config.run_name}"
+    filesystem, folder = _run_folder(config)
     try:
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
         if any(e.base_name.startswith("epoch-") for e in entries):
@@ -156,12 +159,12 @@ def _drop_if_no_checkpoint(config: TrainConfig) -> bool:
     return True
 
 
-def _run_exists(filesystem, path: str, run_name: str) -> bool:
+def run_exists(config: TrainConfig) -> bool:
+    """Whether run `config.run_name` has a folder in the storage path (what `--resume` needs)."""
     import pyarrow.fs
 
-    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
-    info = filesystem.get_file_info(f"{path.rstrip('/')}/{run_name}")
-    return info.type != pyarrow.fs.FileType.NotFound
+    filesystem, folder = _run_folder(config)
+    return filesystem.get_file_info(folder).type != pyarrow.fs.FileType.NotFound
 
 
 def _mlflow_run(config: TrainConfig, *, resume: bool, tags: dict[str, str]) -> str:
@@ -177,9 +180,7 @@ def _mlflow_run(config: TrainConfig, *, resume: bool, tags: dict[str, str]) -> s
             f"cannot reach MLflow at {config.tracking_uri}: {str(error).splitlines()[0][:200]}"
         ) from error
     if resume:
-        runs = client.search_runs(
-            [experiment], filter_string=f"tags.`vgg_ray.run_name` = '{config.run_name}'"
-        )
+        runs = runs_tagged(client, [experiment], {"vgg_ray.run_name": config.run_name})
         if runs:
             return runs[0].info.run_id
     run = client.create_run(experiment, run_name=config.run_name,
@@ -270,7 +271,7 @@ def train(
     from vgg_ray import runtime
 
     config, manifest = preflight(config, resume=resume)
-    exists = _run_exists(*_storage(config), config.run_name)
+    exists = run_exists(config)
     if exists and not resume:
         raise ConfigError(
             f"run {config.run_name!r} already exists in {config.storage_path}; "

@@ -19,7 +19,7 @@ from ray import tune
 from ray.train import UserCallback
 
 from vgg_ray.config import TrainConfig
-from vgg_ray.tracking import DIVERGED_TAG, run_tags
+from vgg_ray.tracking import DIVERGED_TAG, run_tags, runs_tagged
 
 TRIAL_ID_TAG = "vgg_ray.trial_id"
 SEARCH_TAG = "vgg_ray.search"
@@ -130,11 +130,8 @@ def _child_run(
 
     client = MlflowClient(context["tracking_uri"])
     experiment_id = context["experiment_id"]
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' AND "
-        f"tags.`mlflow.parentRunId` = '{context['parent_run_id']}'",
-    )
+    found = runs_tagged(client, [experiment_id], {TRIAL_ID_TAG: trial_id,
+                        "mlflow.parentRunId": context["parent_run_id"]})  # fmt: skip
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")

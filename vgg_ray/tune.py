@@ -48,7 +48,7 @@ from vgg_ray.config import (
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import SCHEDULES
 from vgg_ray.stack import serve_sqlite
-from vgg_ray.tracking import DIVERGED_TAG, resolve_uri
+from vgg_ray.tracking import DIVERGED_TAG, resolve_uri, runs_tagged
 from vgg_ray.tracking import experiment_id as named_experiment
 from vgg_ray.trial import SEARCH_TAG, TRIAL_ID_TAG, run_trial, trial_config
 
@@ -337,10 +337,8 @@ def _parent_run(client, experiment_id: str, config: SearchConfig, *, resume: boo
     from mlflow.entities import Param
 
     if resume:
-        found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{config.name}' AND "
-            "tags.`vgg_ray.role` = 'search'",
-        )  # fmt: skip
+        found = runs_tagged(client, [experiment_id], {SEARCH_TAG: config.name,
+                            "vgg_ray.role": "search"})  # fmt: skip
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
@@ -374,11 +372,8 @@ class TrialStatus(tune.Callback):
         if where is None:
             return None, None
         client = MlflowClient(where["tracking_uri"])
-        found = client.search_runs(
-            [where["experiment_id"]],
-            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' AND "
-            f"tags.`mlflow.parentRunId` = '{where['parent_run_id']}'",
-        )
+        found = runs_tagged(client, [where["experiment_id"]], {TRIAL_ID_TAG: trial.trial_id,
+                            "mlflow.parentRunId": where["parent_run_id"]})  # fmt: skip
         return client, (found[0].info.run_id if found else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -530,11 +525,11 @@ def _finish(
     metric, rows, results = config.metric, [], {}
     diverged = {
         run.data.tags.get(TRIAL_ID_TAG)
-        for run in client.search_runs(
+        for run in runs_tagged(
+            client,
             [client.get_run(parent_run_id).info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' AND "
-            f"tags.`{DIVERGED_TAG}` = 'true'",
-        )
+            {"mlflow.parentRunId": parent_run_id, DIVERGED_TAG: "true"},
+        )  # fmt: skip
     }
     for result in grid:
         last = result.metrics or {}
