@@ -268,23 +268,11 @@ def _demo_manifest() -> str:
 def train_config(args: argparse.Namespace):
     """Profile, then YAML file, then each option given on the command line."""
 
-    from vgg_ray.config import TrainConfig
-    from vgg_ray.data import StreamConfig
-
     profile = _profile_name(args)
     config = _profile_config(profile, getattr(args, "arch", None), args)
-    yaml_values: dict = {}
-    if args.config:
-        values = yaml_values = _yaml_mapping(args.config, "training")
-        merged = config.to_dict()
-        merged.update({k: v for k, v in values.items() if k != "data"})
-        data = values.get("data") or {}  # not a mapping: from_dict says so
-        merged["data"] = {**merged["data"], **data} if isinstance(data, dict) else data
-        config = TrainConfig.from_dict(merged)
+    yaml_values = _yaml_mapping(args.config, "training") if args.config else {}
     given = _given(args)
-    data = replace(config.data, **{k: given[k] for k in _field_names(StreamConfig) & set(given)})
-    loop = (_field_names(TrainConfig) - {"data"}) & set(given)
-    config = replace(config, data=data, **{k: given[k] for k in loop})
+    config = config.merged(yaml_values, given)
     if not config.data.manifest:
         config = replace(config, data=replace(config.data, manifest=_demo_manifest()))
     config = config.validate()

@@ -311,6 +311,26 @@ class TrainConfig:
         data = checked_fields(StreamConfig, data, f"{prefix}data.")
         return cls(**values, data=StreamConfig(**data))
 
+    def merged(self, file: Mapping[str, Any], options: Mapping[str, Any]) -> TrainConfig:
+        """This config (a profile's), then a YAML file's values (nested: `data:` a mapping of
+        its own), then command-line options (flat: each goes to the run or its data by field
+        name). Each layer wins over the one before; values are checked as `from_dict` does."""
+        config = self
+        if file:
+            merged = self.to_dict()
+            merged.update({k: v for k, v in file.items() if k != "data"})
+            data = file.get("data") or {}  # not a mapping: from_dict says so
+            merged["data"] = {**merged["data"], **data} if isinstance(data, Mapping) else data
+            config = TrainConfig.from_dict(merged)
+        data_fields = {f.name for f in dataclasses.fields(StreamConfig)}
+        own_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data"}
+        data = dataclasses.replace(
+            config.data, **{k: v for k, v in options.items() if k in data_fields}
+        )
+        return dataclasses.replace(
+            config, data=data, **{k: v for k, v in options.items() if k in own_fields}
+        )
+
     def flat(self) -> dict[str, Any]:
         """`data.scale`-style keys: what MLflow logs as params."""
         flat = {k: v for k, v in self.to_dict().items() if k != "data"}
