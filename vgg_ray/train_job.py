@@ -271,16 +271,7 @@ def train(
     from vgg_ray import runtime
 
     config, manifest = preflight(config, resume=resume)
-    exists = run_exists(config)
-    if exists and not resume:
-        raise ConfigError(
-            f"run {config.run_name!r} already exists in {config.storage_path}; "
-            "pass --resume to continue it, or another --run-name"
-        )
-    if resume and not exists:
-        raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
-    if resume:
-        _check_resumable(config)
+    _check_run_folder(config, resume=resume)
     if note := init_note(config):
         print(f"vgg-ray: {note}", flush=True)
     run_id = _mlflow_run(config, resume=resume, tags=tags or {})
@@ -303,17 +294,8 @@ def train(
             client.set_terminated(
                 run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             )
-        how_to_go_on = (
-            f"run {config.run_name!r} stopped at its latest checkpoint: once fixed, continue "
-            f"it with --resume --run-name {config.run_name}"
-        )
-        if ckpt.NOTHING_INTACT in str(user_error(error)):
-            how_to_go_on = NO_RESUME
-        elif not resume and _drop_if_no_checkpoint(config):
-            how_to_go_on = (f"run {config.run_name!r} stopped before its first checkpoint, so "
-                            "there is nothing to resume: once fixed, start it again")  # fmt: skip
         if cause := user_error(error):  # a bad shard, storage down past its limit, ...
-            raise ConfigError(f"{cause}; {how_to_go_on}") from error
+            raise ConfigError(f"{cause}; {_how_to_go_on(config, cause, resume)}") from error
         raise
     if streak := (result.metrics or {}).get("diverged"):
         where = _checkpoint_uri(config, result.checkpoint)
@@ -327,6 +309,31 @@ def train(
     summary = _finish(config, result, run_id, manifest)
     client.set_terminated(run_id, "FINISHED")
     return summary
+
+
+def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
+    """A new run's name is free; a resumed one's run exists and has a checkpoint that verifies."""
+    exists = run_exists(config)
+    if exists and not resume:
+        raise ConfigError(
+            f"run {config.run_name!r} already exists in {config.storage_path}; "
+            "pass --resume to continue it, or another --run-name"
+        )
+    if resume and not exists:
+        raise ConfigError(f"no run {config.run_name!r} in {config.storage_path} to resume")
+    if resume:
+        _check_resumable(config)
+
+
+def _how_to_go_on(config: TrainConfig, cause: str, resume: bool) -> str:
+    """The second half of a failed run's line: what the user can do once the cause is fixed."""
+    if ckpt.NOTHING_INTACT in cause:
+        return NO_RESUME
+    if not resume and _drop_if_no_checkpoint(config):
+        return (f"run {config.run_name!r} stopped before its first checkpoint, so there is "
+                "nothing to resume: once fixed, start it again")  # fmt: skip
+    return (f"run {config.run_name!r} stopped at its latest checkpoint: once fixed, continue it "
+            f"with --resume --run-name {config.run_name}")  # fmt: skip
 
 
 def _checkpoint_uri(config: TrainConfig, checkpoint) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from ray import tune
 from ray.train import UserCallback
 
+from vgg_ray import checkpoint as ckpt
 from vgg_ray.config import TrainConfig
 from vgg_ray.tracking import DIVERGED_TAG, run_tags, runs_tagged
 
@@ -51,7 +52,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
     Runs again after a failure, a PBT exploit or a resumed search; each run is a fresh Train
     run that starts from the checkpoint Tune gives (`ray.tune.get_checkpoint()`)."""
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     from vgg_ray.train_job import build_trainer
 
@@ -68,8 +69,6 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     ).validate()
     start_epoch = 0
     if start is not None:
-        from vgg_ray import checkpoint as ckpt
-
         with start.as_directory() as directory:
             start_epoch = ckpt.load_state(directory)["loop"]["epoch"]
     run_id = _child_run(context, trial_id, config, params, start, start_epoch)
@@ -90,6 +89,16 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     # the trial (ASHA), the trial's process ends and takes the Train run with it.
     fitting = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
     fitting.start()
+    _report_epochs(fitting, reports)
+    if "error" in outcome:
+        raise outcome["error"]
+    _end(config, run_id, outcome["result"])
+
+
+def _report_epochs(fitting: threading.Thread, reports) -> None:
+    """Each epoch the Train callback queued, reported to Tune, until `fitting` ends."""
+    from ray.util.queue import Empty
+
     while True:
         alive = fitting.is_alive()  # read before get(): a last report is never missed
         try:
@@ -97,27 +106,27 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         except Empty:
             if alive:
                 continue
-            break
+            return
         tune_checkpoint = None
         if checkpoint is not None:
             tune_checkpoint = tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
         tune.report({**metrics, "epochs_done": metrics["epoch"] + 1},
-                        checkpoint=tune_checkpoint)  # fmt: skip
-    if "error" in outcome:
-        raise outcome["error"]
-    # What the workers could not send reaches the trial's run before Tune marks it FINISHED.
-    from vgg_ray import checkpoint as ckpt
+                    checkpoint=tune_checkpoint)  # fmt: skip
+
+
+def _end(config: TrainConfig, run_id: str, result) -> None:
+    """A trial's fit done: what the workers could not send reaches its run before Tune marks
+    it FINISHED; a diverged trial ends here, tagged, not as an error (a retry would diverge
+    the same way)."""
+    from mlflow.tracking import MlflowClient
+
     from vgg_ray.train_job import deliver_unsent
 
-    result = outcome["result"]
     if result.checkpoint is not None:
         deliver_unsent(config, run_id, ckpt.load_newest_intact(result.checkpoint),
                        result.checkpoint)  # fmt: skip
     if (result.metrics or {}).get("diverged"):
-        # A diverged trial ends here, not as an error: a retry would diverge the same way.
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(context["tracking_uri"]).set_tag(run_id, DIVERGED_TAG, "true")
+        MlflowClient(config.tracking_uri).set_tag(run_id, DIVERGED_TAG, "true")
 
 
 def _child_run(
