@@ -295,6 +295,8 @@ CASES = [
     ("train shard missing", [*TRAIN, "--manifest", "{root}/missing"], "is missing"),
     ("train shard garbage", [*TRAIN, "--manifest", "{root}/garbage"],
      "is not a readable Parquet file"),
+    ("train small profile shard garbage", [*TRAIN, "--profile", "small", "--manifest",
+                                           "{root}/garbage"], "is not a readable Parquet file"),
     ("train shard truncated", [*TRAIN, "--manifest", "{root}/truncated"],
      "bytes, the manifest says"),
     ("train init unknown model", [*TRAIN, "--init", "models:/nope/1"], "models:/nope/1"),

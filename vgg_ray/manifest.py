@@ -94,7 +94,9 @@ def shard_sizes(manifest: Manifest) -> dict[str, int]:
 
 def short_sides(manifest: Manifest, split: str = "train") -> np.ndarray:
     """Every image's smaller side in pixels, from the shards' `height` and `width` columns (a
-    few bytes per image: no JPEG is read)."""
+    few bytes per image: no JPEG is read). The shards pass `check_shards` first: a broken one
+    is the same one line as in any run's pre-flight."""
+    check_shards(manifest)
     filesystem, _ = open_storage(manifest.uri, s3_endpoint=manifest.s3_endpoint)
     sides = []
     for shard in manifest.shards(split):
