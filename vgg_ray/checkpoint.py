@@ -71,7 +71,8 @@ def verify(directory: str | Path) -> Path:
         raise ConfigError(f"no checkpoint at {directory} (expected {STATE_FILE})")
     if not digest.is_file():
         raise ConfigError(f"checkpoint {folder} is incomplete: it has no {DIGEST_FILE} (its "
-                          "save did not finish, or another tool wrote it)")  # fmt: skip
+                          "save did not finish, or an older vgg-ray wrote it; for one you trust, "
+                          f"`sha256sum {STATE_FILE} > {DIGEST_FILE}` in its folder)")  # fmt: skip
     recorded = (digest.read_text().split() or [""])[0]
     if _sha256(path) != recorded:
         raise ConfigError(f"checkpoint {path} is damaged: its sha256 differs from {DIGEST_FILE}")
