@@ -649,7 +649,7 @@ def _demo_data_options(parser: argparse.ArgumentParser) -> None:
 def _stack_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("action", choices=["up", "down", "status", "env"])
-    add("--state-dir", help="pids, logs, MLflow database (default: $VGG_RAY_HOME/parser)")
+    add("--state-dir", help="pids, logs, MLflow database (default: $VGG_RAY_HOME/stack)")
     add("--s3-port", type=int, help="S3 endpoint (default 9000)")
     add("--mlflow-port", type=int, help="MLflow server (default 5000)")
     add("--ray-port", type=int, help="Ray GCS (default 6379)")
@@ -668,7 +668,7 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
         help="checkpoint (folder, state.pt, s3://), runs:/<id>, run id, models:/name/version or "
         "models:/name@alias; repeat for an ensemble")  # fmt: skip
     add("--manifest", help="shards' manifest (default: the data the first model trained on)")
-    add("--split", help="split to parser (default val)")
+    add("--split", help="split to evaluate (default val)")
     add("--mode", dest="modes", action="append", choices=list(EVAL_MODES),
         help="repeatable; default: all four")  # fmt: skip
     add("--scales", action="append", type=_scale_set, metavar="Q[,Q...]",
