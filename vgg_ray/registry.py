@@ -30,11 +30,11 @@ from typing import Any
 from vgg_ray.errors import ConfigError
 from vgg_ray.evaluate import MODES, NetInfo, protocols
 from vgg_ray.tracking import (
-    check_reachable,
     configure_uploads,
     get_run,
     model_requirements,
     model_version,
+    open_client,
     resolve_uri,
     source_run_id,
     use_store,
@@ -183,17 +183,13 @@ class Decision:
 def _client(tracking_uri: str):
     """A client for `tracking_uri` ("" = the embedded default), also set for the fluent API
     (`log_model` and `register_model` use it)."""
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if uri.startswith(("file:", "/", ".")):
         raise ConfigError(f"the model registry needs a database store, not {uri}: use "
                           "sqlite:///path/mlflow.db or an mlflow server")  # fmt: skip
-    check_reachable(uri)
+    client = open_client(uri)
     use_store(uri)
-    return MlflowClient(uri, registry_uri=uri)
+    return client
 
 
 def manifest_sha256(uri: str, *, s3_endpoint: str | None = None) -> str:

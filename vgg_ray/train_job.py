@@ -398,10 +398,12 @@ def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
 
     from vgg_ray.plots import plot_history
 
-    latest = ckpt.load_newest_intact(result.checkpoint)
+    best_checkpoint, best_metrics, best_state = _best_intact(result.best_checkpoints)
+    # The last epoch is often the best: its state is then loaded (and verified) once.
+    same = best_checkpoint.path == result.checkpoint.path
+    latest = best_state if same else ckpt.load_newest_intact(result.checkpoint)
     history = latest["loop"]["history"]
     deliver_unsent(config, run_id, latest, result.checkpoint)
-    best_checkpoint, best_metrics, best_state = _best_intact(result.best_checkpoints)
     best_uri = _checkpoint_uri(config, best_checkpoint)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         mlflow.set_tag("best_checkpoint", best_uri)
