@@ -257,3 +257,31 @@ def test_the_small_profile_follows_the_data_sets_size():
     assert (photos.arch, photos.width, photos.data.crop) == ("D", 1.0, 64)
     assert small("E", facts=DataFacts(classes=10, train_images=500, short_side=90)).arch == "E"
     tiny.validate()
+
+
+def test_every_command_config_field_is_an_option_described_by_its_docstring():
+    """Each field of the configs behind evaluate, promote, register(-ensemble), stack and prepare
+    can be set from the command line (only `alias`, which promote alone moves to champion, and
+    the stack's loopback host are left out), and each option's help says what it does."""
+    import dataclasses
+
+    from vgg_ray.cli import _config_of, build_parser
+    from vgg_ray.evaluate_job import EvaluateConfig
+    from vgg_ray.prepare import PrepareConfig
+    from vgg_ray.registry import EnsembleConfig, PromoteConfig, RegisterConfig
+    from vgg_ray.stack import StackConfig
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    left_out = {"alias", "host", "only_rows"}  # only_rows: reproduce's tables pick their rows
+    for command, cls in [("evaluate", EvaluateConfig), ("promote", PromoteConfig),
+                         ("register", RegisterConfig), ("register-ensemble", EnsembleConfig),
+                         ("stack", StackConfig), ("prepare", PrepareConfig)]:  # fmt: skip
+        actions = {action.dest: action for action in commands[command]._actions}
+        for spec in dataclasses.fields(cls):
+            if spec.name not in left_out:
+                assert spec.name in actions, (command, spec.name)
+                assert actions[spec.name].help or not actions[spec.name].option_strings, spec.name
+    args = build_parser().parse_args(["evaluate", "--model", "m", "--read-cpus", "0.25",
+                                      "--max-images", "8"])  # fmt: skip
+    config = _config_of(EvaluateConfig, args, tuples=("models", "modes", "scales"))
+    assert (config.read_cpus, config.max_images, config.models) == (0.25, 8, ("m",))

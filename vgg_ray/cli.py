@@ -151,11 +151,8 @@ def add_train_options(
         add("--eval-scale", type=int, help="validation scale Q")
     add("--crop", type=int, help="training crop size (paper: 224)")
     add("--width", type=float, help="multiplier on every layer's width (paper: 1)")
-    add(
-        "--init",
-        help="paper | glorot | trained net A checkpoint | models:/ URI | "
-        "torchvision state_dict file",
-    )
+    add("--init", help="paper | glorot | trained net A checkpoint | models:/ URI | "
+        "torchvision state_dict file")  # fmt: skip
     add("--decode", choices=["cpu", "gpu"], help="where JPEGs are decoded (gpu: nvjpeg)")
     add("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on GPU)")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
@@ -174,18 +171,24 @@ def add_train_options(
 def add_field_options(parser: argparse.ArgumentParser, cls: type, *, skip=()) -> None:
     """An option --field-name for each field of dataclass `cls` that has none yet; the value's
     type from the annotation, the help from the field's docstring, no default (None: not given,
-    so the profile's or the YAML's value stands)."""
+    so the profile's or the YAML's value stands). Options written by hand for a field (a range
+    check, another name) keep their parsing and get the docstring as help where they have none."""
     import dataclasses
 
     from vgg_ray.config import field_docs
 
     docs = field_docs(cls)
+    by_dest = {action.dest: action for action in parser._actions}
     for spec in dataclasses.fields(cls):
         flag = "--" + spec.name.replace("_", "-")
-        if spec.name in skip or flag in parser._option_string_actions:
+        help_text = docs.get(spec.name, "").replace("%", "%%")
+        if spec.name in by_dest or flag in parser._option_string_actions:
+            if spec.name in by_dest and by_dest[spec.name].help is None:
+                by_dest[spec.name].help = help_text
+            continue
+        if spec.name in skip:
             continue
         kind = str(spec.type)
-        help_text = docs.get(spec.name, "").replace("%", "%%")
         if kind.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif kind.split(" ")[0] in ("int", "float", "str"):
@@ -477,9 +480,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _register(args: argparse.Namespace) -> None:
     from vgg_ray.registry import RegisterConfig, register_runs
 
-    register_runs(RegisterConfig(runs=tuple(args.runs or ()), name=args.name or "",
-                                 tracking_uri=args.tracking_uri or "",
-                                 s3_endpoint=args.s3_endpoint))  # fmt: skip
+    register_runs(_config_of(RegisterConfig, args, tuples=("runs",)))
 
 
 def _register_ensemble(args: argparse.Namespace) -> None:
@@ -629,7 +630,11 @@ def _prepare_options(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, help="worker processes (default: CPU count)")
     add("--seed", type=_non_negative, help="shuffle and stats-sample seed (default 0)")
     add("--stats-sample", type=_at_least_one, help="images for mean RGB and PCA (default 10000)")
-    add("--no-progress", dest="progress", action="store_false", default=None)
+    add("--no-progress", dest="progress", action="store_false", default=None,
+        help="no progress bar on stderr (e.g. in logs)")  # fmt: skip
+    from vgg_ray.prepare import PrepareConfig
+
+    add_field_options(parser, PrepareConfig)
 
 
 def _verify_options(parser: argparse.ArgumentParser) -> None:
@@ -660,6 +665,9 @@ def _stack_options(parser: argparse.ArgumentParser) -> None:
     add("--bucket", help="bucket created on the S3 endpoint (default vgg-ray)")
     add("--no-token-auth", dest="token_auth", action="store_false", default=None,
         help="Ray without token authentication (loopback only anyway)")  # fmt: skip
+    from vgg_ray.stack import StackConfig
+
+    add_field_options(parser, StackConfig, skip={"host"})
 
 
 def _evaluate_options(parser: argparse.ArgumentParser) -> None:
@@ -667,8 +675,6 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     add("--model", dest="models", action="append", metavar="SOURCE",
         help="checkpoint (folder, state.pt, s3://), runs:/<id>, run id, models:/name/version or "
         "models:/name@alias; repeat for an ensemble")  # fmt: skip
-    add("--manifest", help="shards' manifest (default: the data the first model trained on)")
-    add("--split", help="split to evaluate (default val)")
     add("--mode", dest="modes", action="append", choices=list(EVAL_MODES),
         help="repeatable; default: all four")  # fmt: skip
     add("--scales", action="append", type=_scale_set, metavar="Q[,Q...]",
@@ -676,24 +682,25 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     add("--no-members", dest="members", action="store_false", default=None,
         help="with several models, only the ensemble's rows")  # fmt: skip
     _actor_options(add)
-    add("--max-crops", type=int, help="inputs per forward pass (memory only; default 64)")
-    add("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on GPU)")
     _s3_option(add)
     _tracking_option(add)
-    add("--experiment", help="MLflow experiment for new evaluation runs (default vgg-ray)")
-    add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None)
-    add("--output", help="folder for table.md, table.csv, per_class.csv")
-    add("--progress-every", type=int, help="a progress line every N images (default 1000)")
+    add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None,
+        help="log nothing to MLflow; the tables are written to --output only")  # fmt: skip
+    from vgg_ray.evaluate_job import EvaluateConfig
+
+    add_field_options(parser, EvaluateConfig)
 
 
 def _register_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--run", dest="runs", action="append", metavar="RUN",
         help="training run id or runs:/<id>; repeatable")  # fmt: skip
-    add("--name", help="registered model name (default: vgg-<arch> per run)")
     _tracking_option(add)
     add("--s3-endpoint", type=_s3_endpoint, help="S3-compatible endpoint URL, for a manifest "
         "on S3")  # fmt: skip
+    from vgg_ray.registry import RegisterConfig
+
+    add_field_options(parser, RegisterConfig, skip={"alias"})  # champion: only promote
 
 
 def _register_ensemble_options(parser: argparse.ArgumentParser) -> None:
@@ -701,31 +708,30 @@ def _register_ensemble_options(parser: argparse.ArgumentParser) -> None:
     add("--member", dest="members", action="append", metavar="SOURCE",
         help="models:/vgg-D@champion, models:/vgg-D/3, runs:/<id>, run id or checkpoint; "
         "repeatable")  # fmt: skip
-    add("--name", help="registered model name (default: vgg-<archs>, e.g. vgg-DE)")
     add("--mode", choices=list(EVAL_MODES), help="default predict mode (default single)")
     add("--scales", type=_scale_set, metavar="Q[,Q...]",
         help="default predict test scales (default: the paper's per net)")  # fmt: skip
-    add("--experiment", help="MLflow experiment when no member has a run (default vgg-ray)")
     _tracking_option(add)
     _s3_option(add)
+    from vgg_ray.registry import EnsembleConfig
+
+    add_field_options(parser, EnsembleConfig, skip={"alias"})
 
 
 def _promote_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("name", help="registered model, e.g. vgg-DE")
-    add("--manifest", help="held-out data (default: the data the challenger was trained on)")
-    add("--split", help="split to compare on (default val)")
     add("--mode", choices=list(EVAL_MODES), help="evaluation mode of both (default dense)")
     add("--scales", type=_scale_set, metavar="Q[,Q...]",
         help="test scales for both (default: the paper's per net)")  # fmt: skip
-    add("--margin", type=float,
-        help="top-5 error the challenger must win by, a fraction (default 0); top-1 error "
-        "where their top-5 errors are equal")  # fmt: skip
     _actor_options(add)
     add("--no-mlflow", dest="log_evaluations", action="store_false", default=None,
         help="do not log the evaluations' tables to MLflow (evidence tags still are)")  # fmt: skip
     _tracking_option(add)
     _s3_option(add)
+    from vgg_ray.registry import PromoteConfig
+
+    add_field_options(parser, PromoteConfig)
 
 
 def _rollback_options(parser: argparse.ArgumentParser) -> None:

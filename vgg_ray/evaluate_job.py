@@ -56,7 +56,9 @@ class EvaluateConfig:
     manifest: str = ""
     """The shards' manifest (local or s3://); "" = the one the first net was trained on."""
     split: str = "val"
+    """The manifest's split to evaluate."""
     s3_endpoint: str | None = None
+    """For data or checkpoints on S3; default AWS_ENDPOINT_URL(_S3) or AWS."""
     modes: tuple[str, ...] = MODES
     """Any of single, dense, multicrop, dense+multicrop (Sect. 3.2)."""
     scales: tuple[tuple[int, ...], ...] = ()
@@ -73,6 +75,7 @@ class EvaluateConfig:
     gpus_per_actor: float | None = None
     """None: 1 when the cluster has GPUs, else 0 (CPU actors)."""
     cpus_per_actor: float = 1.0
+    """Logical CPUs each evaluation actor holds."""
     read_cpus: float = 0.5
     """Logical CPUs of each shard-reading task (they only read bytes)."""
     batch_size: int = 32
@@ -86,6 +89,7 @@ class EvaluateConfig:
     experiment: str = "vgg-ray"
     """For runs this job creates (ensembles, nets without a training run)."""
     log_to_mlflow: bool = True
+    """Log the tables to MLflow: to the nets' training runs, or a new run for an ensemble."""
     output: str = ""
     """Local folder for table.md, table.csv, per_class.csv; "" = <home>/evaluations/<time>."""
     progress_every: int = 1000

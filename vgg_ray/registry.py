@@ -95,10 +95,13 @@ class EnsembleConfig:
     scales: tuple[int, ...] = ()
     """Default test scales Q for every member; () = the paper's per net. A predict param."""
     alias: str = CHALLENGER
+    """Alias the new version gets; `champion` only ever comes from `promote`."""
     experiment: str = "vgg-ray"
     """For the ensemble's run, when no member has a run."""
     tracking_uri: str = ""
+    """MLflow; "" = MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""
     s3_endpoint: str | None = None
+    """For members whose checkpoints or data are on S3."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +115,7 @@ class PromoteConfig:
     manifest: str = ""
     """Held-out data: the shards' manifest; "" = the one the challenger was trained on."""
     split: str = "val"
+    """The manifest's split both are evaluated on."""
     mode: str = "dense"
     """Evaluation mode of both (Table 6 reports D+E dense and dense+multicrop)."""
     scales: tuple[int, ...] = ()
@@ -122,13 +126,19 @@ class PromoteConfig:
     max_images: int = 0
     """Only the split's first N images (0: all); the same images for both."""
     actors: int = 0
+    """Evaluation actors; 0 = one per GPU of the cluster, else one per 2 CPUs."""
     gpus_per_actor: float | None = None
+    """None: 1 when the cluster has GPUs, else 0 (CPU actors)."""
     cpus_per_actor: float = 1.0
+    """Logical CPUs each evaluation actor holds."""
     batch_size: int = 32
+    """Images per Ray batch handed to an actor."""
     log_evaluations: bool = True
     """Log both evaluations' tables to MLflow, as `vgg-ray evaluate` does."""
     tracking_uri: str = ""
+    """MLflow; "" = MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""
     s3_endpoint: str | None = None
+    """For data or checkpoints on S3; default AWS_ENDPOINT_URL(_S3) or AWS."""
 
 
 @dataclass(frozen=True)

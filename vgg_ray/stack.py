@@ -68,6 +68,7 @@ class StackConfig:
     s3_port: int = 9000
     """The S3 endpoint (MinIO's usual port)."""
     mlflow_port: int = 5000
+    """The MLflow tracking server and registry."""
     ray_port: int = 6379
     """Ray's GCS: what `ray.init(address=...)` and worker nodes join."""
     dashboard_port: int = 8265
