@@ -58,28 +58,35 @@ def generate_jpegs(count: int, seed: int = 0) -> list[bytes]:
     return [bytes(image) for image in images]
 
 
-def write_shards(data: list[bytes], root: Path, *, repeat: int) -> str:
-    """`data` x `repeat` as one train split in vgg_ray.prepare's shard format; the manifest URI."""
+def write_shards(data: list[bytes], root: Path, *, repeat: int, val: int = 0) -> str:
+    """`data` x `repeat` as a train split in vgg_ray.prepare's shard format (and the first `val`
+    images as a val split, for a training run's validation); the manifest URI."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = data * repeat
-    heights = [375 if i % 4 != 3 else 500 for i in range(len(data))] * repeat
-    table = pa.table({
-        "image": pa.array(rows, pa.binary()),
-        "label": pa.array([i % 1000 for i in range(len(rows))], pa.int32()),
-        "key": pa.array([f"img-{i:06d}" for i in range(len(rows))], pa.string()),
-        "height": pa.array(heights, pa.int32()),
-        "width": pa.array([875 - h for h in heights], pa.int32()),
-    })  # fmt: skip
-    (root / "train").mkdir(parents=True)
-    pq.write_table(table, root / "train/train-00000.parquet", row_group_size=256)
-    groups = [min(256, len(rows) - s) for s in range(0, len(rows), 256)]
-    shard = {"path": "train/train-00000.parquet", "rows": len(rows), "row_groups": groups}
+    splits = {}
+    for split, rows in (("train", data * repeat), ("val", data[:val])):
+        if not rows:
+            continue
+        heights = [375 if i % 4 != 3 else 500 for i in range(len(data))] * repeat
+        table = pa.table({
+            "image": pa.array(rows, pa.binary()),
+            "label": pa.array([i % 1000 for i in range(len(rows))], pa.int32()),
+            "key": pa.array([f"{split}-{i:06d}" for i in range(len(rows))], pa.string()),
+            "height": pa.array(heights[: len(rows)], pa.int32()),
+            "width": pa.array([875 - h for h in heights[: len(rows)]], pa.int32()),
+        })  # fmt: skip
+        (root / split).mkdir(parents=True)
+        path = f"{split}/{split}-00000.parquet"
+        pq.write_table(table, root / path, row_group_size=256)
+        groups = [min(256, len(rows) - s) for s in range(0, len(rows), 256)]
+        shard = {"path": path, "rows": len(rows), "row_groups": groups,
+                 "bytes": (root / path).stat().st_size}  # fmt: skip
+        splits[split] = {"rows": len(rows), "shards": [shard]}
     manifest = {
         "format": "vgg-ray-shards/1",
         "classes": [{"index": i, "wnid": f"n{i:08d}", "name": str(i)} for i in range(1000)],
-        "splits": {"train": {"rows": len(rows), "shards": [shard]}},
+        "splits": splits,
         "stats": {"mean_rgb": list(STATS.mean_rgb), "eigval": list(STATS.eigval),
                   "eigvec": [list(r) for r in STATS.eigvec]},
     }  # fmt: skip
@@ -240,7 +247,6 @@ def main() -> None:
 
     print(f"{len(data)} JPEGs, {size_kb:.0f} KB on average; S in {args.scale}, crop {args.crop}")
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         for batch in (args.batch, 256):
             args.batch = batch
             record(f"ours/nvjpeg batch {batch}", per_image_ours(data, args, device), 1)

@@ -69,8 +69,6 @@ def main() -> None:
     width = args.width or (1.0 if on_gpu else 1 / 8)
     count = args.images or (256 if on_gpu else 8)
     bf16 = on_gpu if args.bf16 is None else args.bf16
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
     data = generate_jpegs(min(count, 64))
     data = [data[i % len(data)] for i in range(count)]
     images = decode_gpu(data, device) if on_gpu else decode_cpu(data)

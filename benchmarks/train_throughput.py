@@ -10,8 +10,11 @@
       place of Ray Data (the GPU machine has no Ray);
   (d) on GPU: the `--decode gpu` path, nvjpeg decode + transform on the training GPU, in line.
 
-Reports images/s, (b)/(a), (c)/(b) and, on GPU, model FLOP utilisation against the bf16 peak.
-Needs torch and torchvision only (no ray, no mlflow), so it runs on a bare GPU machine.
+Reports images/s, (b)/(a), (c)/(b) and, on GPU, model FLOP utilisation against the device's
+datasheet bf16 peak (benchmarks/peak.py: SXM and NVL parts told apart; --peak-tflops overrides),
+the bf16 matrix-product rate measured in the same run beside it, and (b) with fused SGD.
+Needs torch and torchvision only (no ray, no mlflow), so it runs on a bare GPU machine; the real
+pipeline (Ray Train worker, Ray Data) is benchmarks/train_pipeline.py.
 
     python benchmarks/train_throughput.py                              # CPU: small images
     python benchmarks/train_throughput.py --device cuda --archs D --size 224 --batch 128
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vgg_ray.models import TORCHVISION_NAMES, build_vgg, forward_macs  # noqa: E402
 from vgg_ray.parallel import parallelize  # noqa: E402
-from vgg_ray.steps import train_step  # noqa: E402
+from vgg_ray.steps import sgd, train_step  # noqa: E402
 from vgg_ray.transforms import decode_cpu, decode_gpu, to_float, training  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -117,11 +120,15 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
     model = parallelize(
         build_vgg(arch, classes), device, channels_last=on_gpu, compile=args.compile
     )
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    opt = sgd(model, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     nhwc = images.contiguous(memory_format=torch.channels_last) if on_gpu else images
     seconds_b = _timed(
         lambda: train_step(model, opt, [(nhwc, labels)], bf16=on_gpu), args.steps, args.warmup, sync
     )
+    if on_gpu:  # the same step with one fused kernel for the update
+        fused = sgd(model, lr=1e-3, momentum=0.9, weight_decay=5e-4, fused=True)
+        step = lambda: train_step(model, fused, [(nhwc, labels)], bf16=True)  # noqa: E731
+        seconds_fused = _timed(step, args.steps, args.warmup, sync)
 
     # (c) ours from JPEG bytes, decoded and cropped by CPU workers, finished on the device.
     jpegs = _jpegs(args.batch, (500, 375))
@@ -171,8 +178,12 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
     if on_gpu:
         row["ours_gpu_decode_img_s"] = args.batch / seconds_d
         row["gpu_decode_vs_synthetic"] = row["ours_gpu_decode_img_s"] / row["ours_synthetic_img_s"]
-        row["mfu_ours"] = row["ours_synthetic_img_s"] * flop_per_image / (args.peak_tflops * 1e12)
-        row["mfu_baseline"] = row["baseline_img_s"] * flop_per_image / (args.peak_tflops * 1e12)
+        row["ours_fused_sgd_img_s"] = args.batch / seconds_fused
+        peak, ceiling = args.peak["spec_peak_tflops"] * 1e12, args.peak["matmul_tflops"] * 1e12
+        for name in ("ours_synthetic", "ours_fused_sgd", "baseline"):
+            rate = row[f"{name}_img_s"]
+            row[f"mfu_{name}"] = rate * flop_per_image / peak
+            row[f"of_matmul_{name}"] = rate * flop_per_image / ceiling
     return row
 
 
@@ -191,7 +202,8 @@ def main() -> None:
         default=max(1, (os.cpu_count() or 2) - 2),
         help="CPU decode processes for (c)",
     )
-    parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak (H200)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak; default: the device's datasheet figure")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -200,8 +212,14 @@ def main() -> None:
     args.batch = args.batch or (128 if on_gpu else 16)
     args.steps = args.steps or (20 if on_gpu else 5)
     if on_gpu:
-        torch.backends.cudnn.benchmark = True
+        from peak import device_peak
 
+        args.peak = device_peak(device, args.peak_tflops)
+        peak = args.peak
+        print(f"{peak['name']}: datasheet bf16 peak {peak['spec_peak_tflops']:.0f} TFLOP/s, "
+              f"measured bf16 matmul {peak['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
+    # cuDNN's autotuner: `parallelize` turns it on for (b)-(d) as it does in training; it is a
+    # process-wide switch, so the baseline (a) has it too, as torchvision's reference recipe does.
     rows = [bench_arch(arch, args, device) for arch in args.archs.split(",")]
     hardware = (
         torch.cuda.get_device_name(device)
@@ -213,7 +231,7 @@ def main() -> None:
         f"{torch.__version__}, compile={args.compile}"
     )
     header = f"{'arch':<6}{'(a) base':>10}{'(b) ours':>10}{'(c) jpeg':>10}{'b/a':>7}{'c/b':>7}"
-    print(header + (f"{'(d) nvjpeg':>11}{'d/b':>6}{'MFU b':>8}" if on_gpu else ""))
+    print(header + (f"{'(d) nvjpeg':>11}{'d/b':>6}{'MFU b':>8}{'fused':>8}" if on_gpu else ""))
     for r in rows:
         line = (
             f"{r['arch']:<6}{r['baseline_img_s']:>10.1f}{r['ours_synthetic_img_s']:>10.1f}"
@@ -223,7 +241,7 @@ def main() -> None:
         if on_gpu:
             line += (
                 f"{r['ours_gpu_decode_img_s']:>11.1f}{r['gpu_decode_vs_synthetic']:>6.2f}"
-                f"{100 * r['mfu_ours']:>7.1f}%"
+                f"{100 * r['mfu_ours_synthetic']:>7.1f}%{100 * r['mfu_ours_fused_sgd']:>7.1f}%"
             )
         print(line)
     out = Path(args.out) if args.out else RESULTS / f"train_throughput_{device.type}.json"

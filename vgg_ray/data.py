@@ -312,6 +312,28 @@ def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, n
 # --- the worker side ---------------------------------------------------------------------------
 
 
+def one_batch_ahead(batches: Iterator[tuple], device: torch.device) -> Iterator[tuple]:
+    """Make batch k+1 (nvjpeg decode + augmentation) on a side CUDA stream while the caller's
+    step k runs on the current one: the decode kernels fill the gaps of the step's instead of
+    adding to its time. The batches are the same; each is handed over only once its stream's
+    work is done (the current stream waits on an event), and its tensors are marked as used on
+    the current stream so the allocator does not reuse them early."""
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    ready = None
+    while True:
+        with torch.cuda.stream(side):
+            upcoming = next(batches, None)  # launches k+1's work before k is handed over
+        if ready is not None:
+            yield ready
+        if upcoming is None:
+            return
+        current.wait_stream(side)
+        for tensor in upcoming:
+            if isinstance(tensor, torch.Tensor):
+                tensor.record_stream(current)
+        ready = upcoming
+
+
 def _seed32(*values: int) -> int:
     return int(np.random.SeedSequence(values).generate_state(1)[0])
 
@@ -398,10 +420,13 @@ class SplitStream:
             local_shuffle_buffer_size=max(buffer, self.batch_size) if buffer else None,
             local_shuffle_seed=shuffle_seed if buffer else None,
         )  # fmt: skip
+        finished = (self._finish(batch) for batch in batches)
+        if self.config.decode == "gpu":
+            finished = one_batch_ahead(finished, self.device)
         count = 0
-        for batch in batches:
+        for batch in finished:
             count += 1
-            yield self._finish(batch)
+            yield batch
         if count != len(self):  # would break DDP's equal step counts: a bug, not bad data
             raise RuntimeError(f"rank {self.rank} yielded {count} batches, expected {len(self)}")
 

@@ -21,12 +21,17 @@ def parallelize(
 ) -> nn.Module:
     """Prepare `model` for training on `device`, in this order:
 
+    0. on CUDA, cuDNN's autotuner on: training crops have one fixed size, so each conv's fastest
+       algorithm is found once, in the first steps (with varying input sizes, as in dense
+       evaluation, it would re-tune for every new shape; evaluation leaves it off);
     1. move to the device;
     2. channels_last memory format (before DDP, which registers the parameters' layout);
     3. DistributedDataParallel when a process group is up (Ray Train starts one per run);
     4. torch.compile last, so it traces the DDP-wrapped module and can overlap its all-reduce
        with the backward pass (the order PyTorch's DDP + compile docs recommend).
     """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

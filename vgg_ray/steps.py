@@ -35,6 +35,16 @@ class StepResult(NamedTuple):
         return math.isfinite(self.grad_norm)
 
 
+def sgd(
+    model: nn.Module, *, lr: float, momentum: float, weight_decay: float, fused: bool = False
+) -> torch.optim.SGD:
+    """The paper's optimizer (mini-batch SGD with momentum and L2 weight decay), as training
+    and the benchmarks build it. `fused`: one CUDA kernel for the whole update instead of
+    PyTorch's default multi-tensor (foreach) kernels; benchmarks/train_throughput.py times both."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                           weight_decay=weight_decay, fused=fused)  # fmt: skip
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

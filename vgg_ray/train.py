@@ -26,7 +26,7 @@ from vgg_ray.manifest import load_manifest
 from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
 from vgg_ray.parallel import all_reduce, parallelize, unwrap
 from vgg_ray.schedules import build_schedule
-from vgg_ray.steps import evaluate_counts, train_step
+from vgg_ray.steps import evaluate_counts, sgd, train_step
 from vgg_ray.tracking import NullTracker, Tracker, use_store
 
 log = logging.getLogger("vgg_ray.train")
@@ -133,9 +133,8 @@ class Worker:
         init = config.init if config.init in INITS else config.base_init
         model = build_vgg(config.arch, len(self.manifest.classes), config.width, init,
                           config.dropout, config.batch_norm)  # fmt: skip
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
-                                         momentum=config.momentum,
-                                         weight_decay=config.weight_decay)  # fmt: skip
+        self.optimizer = sgd(model, lr=config.lr, momentum=config.momentum,
+                             weight_decay=config.weight_decay)  # fmt: skip
         # The paper's default: "divided by 10 when the validation set accuracy stopped
         # improving", 3 times. The schedule gives a multiplier on config.lr (vgg_ray.schedules).
         self.schedule = build_schedule(
