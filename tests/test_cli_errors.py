@@ -169,6 +169,12 @@ CASES = [
     ("train negative seed", [*TRAIN, "--seed", "-1"], "seed must be >= 0"),
     ("train negative gpus", [*TRAIN, "--gpus-per-worker", "-1"], "GPUs and CPUs per worker"),
     ("train zero log steps", [*TRAIN, "--log-every-steps", "0"], "log_every_steps must be >= 1"),
+    # train: elastic worker ranges that cannot be
+    ("train workers reversed", [*TRAIN, "--workers", "3-2"], "the fewest workers is more than"),
+    ("train workers from zero", [*TRAIN, "--workers", "0-2"], "workers must be >= 1"),
+    ("train workers not a range", [*TRAIN, "--workers", "2-x"], "not a worker count like"),
+    ("train batch below workers", [*TRAIN, "--workers", "2-8", "--global-batch", "4"],
+     "cannot give each of up to 8 workers an image"),
     # credentials: refused in endpoint and tracking URIs, and never printed back
     ("train s3 endpoint credentials", [*TRAIN, "--manifest", "s3://b/x", "--s3-endpoint",
                                        f"http://user:{SECRET}@127.0.0.1:9000"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vgg_ray.data import SplitStream, StreamConfig, epoch_order, worker_pieces
+from vgg_ray.data import EpochOrder, SplitStream, StreamConfig
 from vgg_ray.errors import ConfigError
 from vgg_ray.manifest import load_manifest
 
@@ -102,53 +102,76 @@ def run(manifest, split="train", config=CONFIG, **kwargs):
     return images, labels, [k for b in batches for k in b[2]], stream
 
 
-def test_plan_is_exactly_once_and_a_function_of_seed_and_epoch(shards):
+def test_the_epoch_order_is_global_exactly_once_and_a_function_of_seed_and_epoch(shards):
+    """Every row once per epoch for any worker count, each step the same images whatever the
+    count (so a run may change it mid-epoch), and the order a function of (seed, epoch)."""
     manifest = load_manifest(str(shards))
     assert len(manifest.classes) == 3 and manifest.rows("train") == 83
+
+    def order(seed=0, epoch=1, **kwargs):
+        values = dict(seed=seed, epoch=epoch, window_rows=16, global_batch=16, max_workers=3)
+        return EpochOrder(manifest, "train", **{**values, **kwargs})
+
+    plan = order()
+    # 83 rows, 16 a step: 5 steps, the last one 19 rows (the 3 left over join it: < 3 workers).
+    assert plan.steps == 5 and plan.step_span(4) == (64, 83)
+    steps = {}
     for world_size in (1, 2, 3):
-        order = epoch_order(manifest, "train", seed=0, epoch=1, training=True)
-        spans = [
-            worker_pieces(order, rank=r, world_size=world_size, training=True)
-            for r in range(world_size)
-        ]
-        rows = [{p.first_index + i for p in pieces for i in range(p.stop - p.start)}
-                for pieces, _ in spans]  # fmt: skip
-        assert {len(r) for r in rows} == {83 // world_size} == {n for _, n in spans}
-        assert len(set().union(*rows)) == 83 // world_size * world_size  # no overlap
-        # The leftover: the last 83 % N rows of this epoch's order.
-        last = order[-1]
-        leftover = {last.first_index + last.stop - 1 - i for i in range(83 % world_size)}
-        assert set().union(*rows) | leftover == set(range(83))
-    orders = {
-        (seed, epoch): [(p.path, p.row_group) for p in epoch_order(
-            manifest, "train", seed=seed, epoch=epoch, training=True)]
-        for seed in (0, 1) for epoch in (0, 1)
-    }  # fmt: skip
-    assert len({tuple(o) for o in orders.values()}) == 4
-    assert orders[(0, 0)] == [
-        (p.path, p.row_group)
-        for p in epoch_order(manifest, "train", seed=0, epoch=0, training=True)
-    ]
+        for step in range(plan.steps):
+            shares = [plan.share(step, rank=r, world_size=world_size) for r in range(world_size)]
+            rows = [{(int(p), int(o)) for p, o in zip(*share, strict=True)} for share in shares]
+            assert all(rows) and sum(map(len, rows)) == len(set().union(*rows))  # disjoint
+            steps.setdefault(step, set().union(*rows))
+            assert set().union(*rows) == steps[step]  # the same images for 1, 2 or 3 workers
+    positions = [row for rows in steps.values() for row in rows]
+    assert len(positions) == len(set(positions)) == 83  # every row once, none dropped
+    assert sorted((plan.pieces[p].first_index + o for p, o in positions)) == list(range(83))
+    # Rows mix across the row groups of a window: a step is not one row group in order.
+    assert len({p for p, _ in steps[0]}) > 1
+    # A function of (seed, epoch) alone; another seed or epoch, another order.
+    assert np.array_equal(plan.piece, order().piece) and np.array_equal(plan.offset, order().offset)
+    keys = {(seed, epoch): tuple(order(seed, epoch).share(0, rank=0, world_size=1)[1])
+            for seed in (0, 1) for epoch in (0, 1)}  # fmt: skip
+    assert len(set(keys.values())) == 4
 
 
 def test_two_workers_read_every_row_exactly_once(shards, ray_cluster):
     manifest = load_manifest(str(shards))
-    order = epoch_order(manifest, "train", seed=0, epoch=2, training=True)
     results = [run(manifest, epoch=2, rank=r, world_size=2) for r in range(2)]
     keys = [set(k) for _, _, k, _ in results]
-    assert [len(k) for _, _, k, _ in results] == [41, 41] and len(keys[0] | keys[1]) == 82
-    last = order[-1]  # the one leftover row: last in this epoch's order
-    assert keys[0] | keys[1] | {f"train-{last.first_index + last.stop - 1:04d}"} == {
-        f"train-{i:04d}" for i in range(83)
-    }
-    assert [len(s) for *_, s in results] == [6, 6]  # ceil(41 / 8): equal steps on both ranks
+    assert len(keys[0]) + len(keys[1]) == 83 and len(keys[0] | keys[1]) == 83  # none dropped
+    assert keys[0] | keys[1] == {f"train-{i:04d}" for i in range(83)}
+    # 83 rows, global batch 16 (2 x 8): 5 steps, the last of 19 rows split 10 + 9.
+    streams = [stream for *_, stream in results]
+    assert [len(s.micro_batches) for s in streams] == [5, 5]
+    assert [len(p) for p, _ in streams[0].shares] == [8, 8, 8, 8, 10]
     images, labels, batch_keys, stream = results[0]
-    assert images.shape == (41, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (42, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1, 2}
-    assert stream.rows == 41 and stream.skipped == 0
+    assert stream.rows == 42 and stream.skipped == 0
     # Labels travel with their images: class c is grey level ~80 + 60c before the mean.
     brightness = images.mean((1, 2, 3)) + torch.tensor([120.0, 115.0, 100.0]).mean()
     assert (brightness[labels == 0] < 120).all() and (brightness[labels == 2] > 160).all()
+
+
+def test_a_resume_reads_and_decodes_nothing_before_its_position(shards, ray_cluster, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    """From step 3 of 5 on, the stream holds exactly the rows of steps 3 and 4, and its read
+    tasks read only the row groups those steps need (counted through the trace hook)."""
+    monkeypatch.setenv("VGG_RAY_TRACE", str(tmp_path))
+    manifest = load_manifest(str(shards))
+    whole = run(manifest, epoch=1, rank=0, world_size=1, batch_size=16)
+    for log in tmp_path.glob("read-*.log"):
+        log.unlink()
+    late = run(manifest, epoch=1, rank=0, world_size=1, batch_size=16, start_step=3)
+    order = late[3].order
+    assert late[2] == whole[2][48:]  # the same rows, in the same order, as without the resume
+    needed = {(order.pieces[p].path, order.pieces[p].row_group)
+              for step in (3, 4) for p in order.share(step, rank=0, world_size=1)[0]}  # fmt: skip
+    reads = [tuple(line.rsplit(" ", 1)) for log in tmp_path.glob("read-*.log")
+             for line in log.read_text().splitlines()]  # fmt: skip
+    assert {(path, int(group)) for path, group in reads} == needed
+    assert len(reads) == len(needed) < sum(len(s.row_groups) for s in manifest.shards("train"))
 
 
 def test_epoch_is_a_function_of_seed_and_epoch(shards, ray_cluster):

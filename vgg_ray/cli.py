@@ -108,6 +108,20 @@ def _scale(text: str) -> tuple[int, int]:
         ) from None
 
 
+def _worker_range(text: str) -> tuple[int, int]:
+    """ "4" (a fixed count) or "2-8" (elastic, 2 to 8) -> (most, fewest; 0 for a fixed count)."""
+    low, dash, high = text.partition("-")
+    try:
+        most, fewest = (int(high), int(low)) if dash else (int(low), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a worker count like 4 or 2-8: {text!r}") from None
+    if (dash and fewest < 1) or most < 1:
+        raise argparse.ArgumentTypeError(f"workers must be >= 1: {text!r}")
+    if fewest > most:
+        raise argparse.ArgumentTypeError(f"{text!r}: the fewest workers is more than the most")
+    return most, fewest
+
+
 def add_train_options(
     parser: argparse.ArgumentParser, *, arch: str | None = None, one_run: bool = True
 ) -> None:
@@ -135,7 +149,8 @@ def add_train_options(
     if one_run:
         add("--run-name", help="names the run; a stopped run continues with --resume")
         add("--resume", action="store_true", help="continue the run named by --run-name")
-    add("--workers", type=int, help="Ray Train workers (one per GPU)")
+    add("--workers", type=_worker_range, help="Ray Train workers (one per GPU): 4, or 2-8 to "
+        "train elastically on 2 to 8 (docs/training.md, spot capacity)")  # fmt: skip
     add("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs")
     add("--cpus-per-worker", type=float)
     add("--epochs", type=int)
@@ -275,6 +290,8 @@ def train_config(args: argparse.Namespace):
     config = _profile_config(profile, getattr(args, "arch", None), args)
     yaml_values = _yaml_mapping(args.config, "training") if args.config else {}
     given = _given(args)
+    if isinstance(given.get("workers"), tuple):  # --workers 4 or 2-8
+        given["workers"], given["min_workers"] = given["workers"]
     config = config.merged(yaml_values, given)
     if not config.data.manifest:
         config = replace(config, data=replace(config.data, manifest=_demo_manifest()))

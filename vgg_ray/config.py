@@ -181,7 +181,18 @@ class TrainConfig:
     """Epochs of linear warm-up of the "warmup_cosine" schedule."""
 
     workers: int = 1
-    """Ray Train workers (one per GPU on a GPU cluster)."""
+    """Ray Train workers (one per GPU on a GPU cluster); with `min_workers`, the most."""
+    min_workers: int = 0
+    """Elastic training (`--workers 2-8`: 2): the run goes on with the workers that remain when
+    some are lost, down to this many, and grows back to `workers` when capacity returns, each
+    change through its latest checkpoint; the global batch, the step count and the lr schedule
+    go on as if nothing had happened. 0: a fixed count, `workers`."""
+    max_preemptions: int = -1
+    """Preemptions (a node reclaimed, as spot capacity is) recovered from, counted apart from
+    `max_failures`; -1: no limit."""
+    elastic_check_s: float = 60.0
+    """How often an elastic run looks for returned capacity to grow back into (through its
+    latest checkpoint: checkpoint often enough that a regrowth loses little)."""
     gpus_per_worker: float | None = None
     """None: 1 when the cluster has GPUs, else 0."""
     cpus_per_worker: float = 1.0
@@ -244,6 +255,17 @@ class TrainConfig:
             (self.warmup_epochs >= 1, f"warmup epochs must be >= 1, got {self.warmup_epochs}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
             (
+                self.min_workers <= self.workers,
+                f"--workers {self.min_workers}-{self.workers}: the fewest is more than the most",
+            ),
+            (self.min_workers >= 0, f"min_workers must be >= 0 (0: fixed), got {self.min_workers}"),
+            (self.max_preemptions >= -1, "max preemptions must be >= 0 (or -1 for no limit)"),
+            (
+                not self.min_workers or self.global_batch >= self.workers,
+                f"global batch {self.global_batch} cannot give each of up to {self.workers} "
+                "workers an image per step; lower the most workers or raise the global batch",
+            ),
+            (
                 (self.gpus_per_worker is None or self.gpus_per_worker >= 0)
                 and self.cpus_per_worker >= 0,
                 f"GPUs and CPUs per worker must be >= 0, got {self.gpus_per_worker} and "
@@ -254,8 +276,9 @@ class TrainConfig:
             (self.grad_accum >= 1, f"grad accumulation must be >= 1, got {self.grad_accum}"),
             (self.global_batch >= 1, f"global batch must be >= 1, got {self.global_batch}"),
             (
-                # workers and grad_accum are checked above, but the list is built eagerly
-                self.global_batch % max(self.workers * self.grad_accum, 1) == 0,
+                # workers and grad_accum are checked above, but the list is built eagerly;
+                # an elastic run splits steps unevenly where it must (np.array_split)
+                self.min_workers or self.global_batch % max(self.workers * self.grad_accum, 1) == 0,
                 f"global batch {self.global_batch} is not divisible by workers x grad "
                 f"accumulation ({self.workers} x {self.grad_accum})",
             ),
@@ -286,8 +309,9 @@ class TrainConfig:
 
     @property
     def micro_batch(self) -> int:
-        """Images one worker pushes through the net per forward pass."""
-        return self.global_batch // (self.workers * self.grad_accum)
+        """Images one worker pushes through the net per forward pass (at most: with fewer
+        workers than `workers`, an elastic run's workers take more micro-batches a step)."""
+        return max(1, self.global_batch // (self.workers * self.grad_accum))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,23 +1,29 @@
-"""Stream a split's shards into Ray Train workers: deterministic, exactly once, equal per rank.
+"""Stream a split's shards into Ray Train workers: deterministic, exactly once, elastic.
 
 Why not `Dataset.streaming_split`: it hands blocks to workers as they ask for them, so what a
 worker sees in an epoch depends on timing, not on (seed, epoch). Here every worker plans its own
 epoch from the manifest alone:
 
-1. The epoch's global order: the split's (shard, row group) pieces permuted by a generator seeded
-   by (seed, epoch), their rows concatenated (rows were shuffled across classes at prepare time).
-2. Training, N workers: rank r takes the positions [r*k, (r+1)*k), k = rows // N. The rows % N
-   (< N) rows at the end of the order are skipped this epoch; the order changes every epoch, so
-   a different few each time. Every rank thus has the same rows and batches: DDP needs equal
-   step counts. Evaluation drops nothing: np.array_split sizes (ranks differ by at most one
-   row), and the caller all-reduces its counts.
-3. A Ray Dataset over that worker's pieces (`from_items`, order preserved): each read task reads
-   one row group with pyarrow from local disk or S3, then either decodes and crops it (decode
-   "cpu": uint8 crops leave the task, 4x smaller than float) or passes the JPEG bytes through
-   (decode "gpu": the worker decodes them with nvjpeg on its GPU). Either way the same
-   `vgg_ray.transforms` preset runs, with each image's draws seeded by (seed, epoch, row index).
-4. `iter_batches` with a local shuffle buffer seeded by (seed, epoch, rank); the worker finishes
-   the batch on its device (colour shift, mean, float).
+1. Training: the epoch's global order (`EpochOrder`), a function of (manifest, seed, epoch)
+   only: the split's row groups permuted, then the rows of each window of consecutive row groups
+   (`shuffle_buffer` rows or more) permuted among themselves (rows were shuffled across classes
+   at prepare time too). Step k is positions [k * global_batch, (k + 1) * global_batch); each of
+   the N workers takes a contiguous part of the step's rows sorted by row group. So the step is
+   the same images for any N, every row is trained on once per epoch, and a checkpoint's
+   position (steps done x global batch) means the same thing after the run lost or gained
+   workers. Every rank has rows in every step: DDP needs equal step counts.
+2. Evaluation: the split in manifest order, np.array_split over the N workers (nothing
+   dropped); the caller all-reduces its counts.
+3. A Ray Dataset over the worker's read tasks (`from_items`, order preserved). A training task
+   covers a few steps: it reads each row group it needs once, with pyarrow from local disk or
+   S3, and handles only this worker's rows of them; a resume starts at its step, so nothing
+   before the position is read or decoded. An evaluation task reads one row group. Then either
+   the task decodes and crops (decode "cpu": uint8 crops leave the task, 4x smaller than float)
+   or passes the JPEG bytes through (decode "gpu": the worker decodes them with nvjpeg on its
+   GPU, one batch ahead on a side stream). Either way the same `vgg_ray.transforms` preset runs,
+   with each image's draws seeded by (seed, epoch, row index): the same whichever worker.
+4. The worker cuts its rows into its micro-batches and finishes them on its device (colour
+   shift, mean, float).
 
 A record that fails to decode, or whose label is not a class of the manifest, is skipped and
 counted (`SplitStream.skipped`), never fatal. A shard that is not what the manifest says (another
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -87,8 +94,9 @@ class StreamConfig:
     """Where JPEGs are decoded: "cpu" in Ray Data tasks, or "gpu" with nvjpeg on the training
     worker's device (the tasks then only read bytes; needs a CUDA device)."""
     shuffle_buffer: int = 4096
-    """Rows in each worker's local shuffle buffer (0: none), on top of the per-epoch permutation
-    of row groups. Memory: about 150 KB a row at crop 224 (uint8 crops or JPEG bytes)."""
+    """Training: rows shuffled together, on top of the per-epoch permutation of row groups
+    (windows of consecutive row groups holding at least this many rows; 0: row groups keep
+    their rows' order). Global, so the same for any worker count."""
     seed: int = 0
     """Fixes every epoch's order and every image's augmentation."""
     prefetch_batches: int = 2
@@ -161,25 +169,21 @@ def epoch_order(manifest: Manifest, split: str, *, seed: int, epoch: int, traini
     return [pieces[i] for i in order]
 
 
-def worker_span(rows: int, *, rank: int, world_size: int, training: bool) -> tuple[int, int]:
-    """Positions [start, stop) of the epoch's order that worker `rank` reads. Training: rows //
-    world_size each, the rows % world_size last ones skipped; evaluation: np.array_split sizes."""
+def worker_span(rows: int, *, rank: int, world_size: int) -> tuple[int, int]:
+    """Evaluation: positions [start, stop) of the split that worker `rank` reads, np.array_split
+    sizes (nothing dropped; the caller all-reduces its counts)."""
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in [0, {world_size})")
-    if training:
-        per_rank = rows // world_size
-        return rank * per_rank, (rank + 1) * per_rank
     base, extra = divmod(rows, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
 
 
-def worker_pieces(
-    order: list[Piece], *, rank: int, world_size: int, training: bool
-) -> tuple[list[Piece], int]:
-    """The pieces (cut to size) covering worker `rank`'s span of `order`, and its row count."""
+def worker_pieces(order: list[Piece], *, rank: int, world_size: int) -> tuple[list[Piece], int]:
+    """Evaluation: the pieces (cut to size) covering worker `rank`'s span of `order`, and its
+    row count."""
     rows = sum(p.stop - p.start for p in order)
-    start, stop = worker_span(rows, rank=rank, world_size=world_size, training=training)
+    start, stop = worker_span(rows, rank=rank, world_size=world_size)
     mine, position = [], 0
     for piece in order:
         size = piece.stop - piece.start
@@ -190,6 +194,56 @@ def worker_pieces(
                               piece.start + skip + hi - lo, piece.first_index + skip))  # fmt: skip
         position += size
     return mine, stop - start
+
+
+class EpochOrder:
+    """A training epoch's order of the split's rows: a function of (manifest, seed, epoch) alone,
+    the same for any worker count, so a run can change its worker count mid-epoch and a resume
+    starts at a global position without replaying what lies before it.
+
+    The row groups are permuted (`epoch_order`); each window of consecutive row groups holding
+    at least `window_rows` rows has its rows permuted among themselves (the shuffle a local
+    buffer would give, but global). Step k trains on positions [k * B, (k + 1) * B) of this
+    order; a last step of fewer than `max_workers` rows joins the one before, so every worker
+    has rows in every step. A worker's share of a step is a contiguous part of the step's rows
+    sorted by row group (np.array_split sizes): the step is the same set of images whatever the
+    worker count, and each worker reads only about 1/N of the step's row groups."""
+
+    def __init__(self, manifest: Manifest, split: str, *, seed: int, epoch: int,
+                 window_rows: int, global_batch: int, max_workers: int = 1):  # fmt: skip
+        self.pieces = epoch_order(manifest, split, seed=seed, epoch=epoch, training=True)
+        sizes = np.array([p.stop - p.start for p in self.pieces], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        self.rows = int(sizes.sum())
+        self.piece = np.repeat(np.arange(len(sizes)), sizes)  # per position: its row group
+        self.offset = np.arange(self.rows) - np.repeat(starts, sizes)  # ... and row in it
+        if window_rows > 1:
+            window_start, window = 0, 0
+            ends = np.cumsum(sizes).tolist()  # each row group's end position
+            for i, end in enumerate(ends):
+                if end - window_start >= window_rows or i == len(ends) - 1:
+                    rng = np.random.default_rng((seed, epoch, window, 3))
+                    shuffle = window_start + rng.permutation(end - window_start)
+                    self.piece[window_start:end] = self.piece[shuffle]
+                    self.offset[window_start:end] = self.offset[shuffle]
+                    window_start, window = end, window + 1
+        self.global_batch = global_batch
+        steps = max(1, math.ceil(self.rows / global_batch))
+        if steps > 1 and self.rows - (steps - 1) * global_batch < max_workers:
+            steps -= 1  # the few last rows join the step before
+        self.steps = steps
+
+    def step_span(self, step: int) -> tuple[int, int]:
+        """Positions [start, stop) of step `step`."""
+        stop = self.rows if step == self.steps - 1 else (step + 1) * self.global_batch
+        return step * self.global_batch, stop
+
+    def share(self, step: int, *, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Worker `rank`'s rows of step `step`: (row group index into `pieces`, row in it)."""
+        start, stop = self.step_span(step)
+        piece, offset = self.piece[start:stop], self.offset[start:stop]
+        mine = np.array_split(np.lexsort((offset, piece)), world_size)[rank]
+        return piece[mine], offset[mine]
 
 
 # --- the read task (runs in Ray Data workers) --------------------------------------------------
@@ -207,6 +261,7 @@ class _ReadSpec:
     epoch: int
     sizes: Mapping[str, int] | None = None  # shard path -> bytes, from the manifest
     classes: int = 0  # labels outside [0, classes) are skipped and counted
+    trace: str = ""  # test-only: a folder where read tasks log what they read
 
 
 @functools.lru_cache(maxsize=4)
@@ -292,8 +347,11 @@ def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, n
         batch, manifest_uri=spec.manifest_uri, s3_endpoint=spec.s3_endpoint, base=spec.base,
         sizes=spec.sizes, classes=spec.classes,
     )  # fmt: skip
-    if spec.decode == "gpu":
-        return rows
+    return rows if spec.decode == "gpu" else _decoded(rows, spec)
+
+
+def _decoded(rows: dict[str, np.ndarray], spec: _ReadSpec) -> dict[str, np.ndarray]:
+    """Raw rows -> uint8 crops with their gain/bias; label -1 where a record did not decode."""
     data, label, index, key = rows["image"], rows["label"], rows["index"], rows["key"]
     images = decode_cpu(list(data))
     good = [i for i, image in enumerate(images) if image is not None]
@@ -307,6 +365,46 @@ def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, n
     label[[i for i, image in enumerate(images) if image is None]] = -1  # with bad labels
     return {"pixels": pixels, "gain": gain, "bias": bias, "label": label, "index": index,
             "key": key}  # fmt: skip
+
+
+TRACE = "VGG_RAY_TRACE"
+
+
+def trace(folder: str, kind: str, lines: list[str]) -> None:
+    """Test-only: with a folder (from $VGG_RAY_TRACE where the run started), append `lines` to
+    its `<kind>-<pid>.log`: what read tasks read, what workers trained on, so tests can prove
+    exactly-once across restarts and worker counts. No folder: nothing."""
+    import os
+
+    if folder:
+        with open(f"{folder}/{kind}-{os.getpid()}.log", "a") as log:
+            log.writelines(f"{line}\n" for line in lines)
+
+
+def read_steps(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch fn, training: one task -> a worker's rows of a few consecutive steps, one
+    output batch per step, in order. Each row group the task needs is read once; rows of it
+    that other workers or earlier steps take are not decoded."""
+    task = batch["task"][0]
+    tables = [
+        _read_piece(spec.manifest_uri, spec.s3_endpoint, f"{spec.base}/{path}",
+                    (spec.sizes or {}).get(path, 0), int(group))
+        for path, group in task["pieces"]
+    ]  # fmt: skip
+    trace(spec.trace, "read", [f"{path} {group}" for path, group in task["pieces"]])
+    starts = np.cumsum([0] + [t.num_rows for t in tables[:-1]])  # each piece's first row
+    everything = pa.concat_tables(tables)
+    first_index = np.asarray(task["first_index"])
+    for piece, offset in zip(task["piece"], task["offset"], strict=True):
+        table = everything.take(pa.array(starts[piece] + offset))
+        label = table.column("label").to_numpy().astype(np.int64)
+        if spec.classes:
+            label[(label < 0) | (label >= spec.classes)] = -1
+        index = first_index[piece] + offset
+        raw = {"image": np.array(table.column("image").to_pylist(), dtype=object),
+               "label": label, "index": index,
+               "key": np.array(table.column("key").to_pylist(), dtype=object)}  # fmt: skip
+        yield raw if spec.decode == "gpu" else _decoded(raw, spec)
 
 
 # --- the worker side ---------------------------------------------------------------------------
@@ -334,8 +432,22 @@ def one_batch_ahead(batches: Iterator[tuple], device: torch.device) -> Iterator[
         ready = upcoming
 
 
-def _seed32(*values: int) -> int:
-    return int(np.random.SeedSequence(values).generate_state(1)[0])
+def _micro_batches(blocks: Iterator[dict], steps: list[tuple[int, int]]) -> Iterator[dict]:
+    """Ray blocks, in order -> each step's (rows, micro-batches) rows cut into that many
+    micro-batches (np.array_split sizes). Blocks may be split or merged on the way; only the
+    order of rows counts."""
+    pending: list[dict] = []
+    have = 0
+    for rows, count in steps:
+        while have < rows:
+            block = next(blocks)
+            pending.append(block)
+            have += len(block["label"])
+        merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+        for part in np.array_split(np.arange(rows), count):
+            yield {k: v[part] for k, v in merged.items()}
+        rest = {k: v[rows:] for k, v in merged.items()}
+        pending, have = ([rest] if have > rows else []), have - rows
 
 
 class SplitStream:
@@ -343,14 +455,20 @@ class SplitStream:
 
     ```
     stream = SplitStream(manifest, "train", config, epoch=e, rank=r, world_size=n, batch_size=b,
-                         device=device, training=True)
-    for images, labels in stream:   # float32 (N, 3, crop, crop) and int64 (N,), on `device`
+                         device=device, training=True, global_batch=B)
+    for micro_batches in stream.steps():   # training: this worker's share of each step
+        ...                                # [(images, labels, keys), ...], on `device`
+    for images, labels in stream:          # every batch (evaluation; or training, flattened)
     ```
-    Every rank yields exactly `len(stream)` batches, ceil(rows / batch_size): full batches, then
-    a smaller last one when rows % batch_size != 0 (equal on all ranks in training). Records that
-    fail to decode are counted in `skipped`; in training they are replaced by other images of the
-    same batch (the batch keeps its size), in evaluation they are dropped (the batch shrinks).
-    Needs a running Ray (as in a Ray Train worker).
+    Training follows the epoch's global order (`EpochOrder`): step k is the same images for any
+    worker count, each worker's share at most `batch_size` rows per micro-batch, and from
+    `start_step` on nothing before it is read or decoded: a resume costs no replay, and a run
+    that lost or gained workers continues the same epoch. Every rank yields the same number of
+    steps. Evaluation: the split in manifest order, np.array_split over the ranks, batches of
+    `batch_size` (the last smaller). Records that fail to decode are counted in `skipped`; in
+    training they are replaced by other images of the same micro-batch (it keeps its size), in
+    evaluation they are dropped (the batch shrinks). Needs a running Ray (as in a Ray Train
+    worker).
     """
 
     def __init__(
@@ -366,6 +484,9 @@ class SplitStream:
         device: torch.device | str | None = None,
         training: bool = True,
         dtype: torch.dtype = torch.float32,
+        global_batch: int = 0,
+        max_workers: int = 0,
+        start_step: int = 0,
     ):
         config.validate()
         if batch_size < 1:
@@ -376,51 +497,91 @@ class SplitStream:
         self.manifest, self.split, self.config = manifest, split, config
         self.epoch, self.rank, self.training = epoch, rank, training
         self.batch_size, self.dtype = batch_size, dtype
-        order = epoch_order(manifest, split, seed=config.seed, epoch=epoch, training=training)
-        self.pieces, self.rows = worker_pieces(
-            order, rank=rank, world_size=world_size, training=training
-        )
+        if training:
+            self.order = EpochOrder(manifest, split, seed=config.seed, epoch=epoch,
+                                    window_rows=config.shuffle_buffer,
+                                    global_batch=global_batch or batch_size * world_size,
+                                    max_workers=max(max_workers, world_size))  # fmt: skip
+            self.start_step = start_step
+            self.shares = [self.order.share(k, rank=rank, world_size=world_size)
+                           for k in range(start_step, self.order.steps)]  # fmt: skip
+            # Micro-batches per step: as few as `batch_size` allows, np.array_split sizes.
+            self.micro_batches = [max(1, math.ceil(len(p) / batch_size)) for p, _ in self.shares]
+            self.rows = sum(len(p) for p, _ in self.shares)
+        else:
+            order = epoch_order(manifest, split, seed=config.seed, epoch=epoch, training=False)
+            self.pieces, self.rows = worker_pieces(order, rank=rank, world_size=world_size)
         stats = manifest.stats
         self.preset = config.training_preset(stats) if training else config.eval_preset(stats)
         self.skipped = 0
 
     def __len__(self) -> int:
+        """The batches `iter(self)` yields (training: micro-batches over all steps left)."""
+        if self.training:
+            return sum(self.micro_batches)
         return math.ceil(self.rows / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self.iter_batches():
             yield images, labels
 
+    def _spec(self) -> _ReadSpec:
+        return _ReadSpec(self.manifest.uri, self.manifest.s3_endpoint, self.manifest.base,
+                         self.config.decode, self.preset, self.epoch, shard_sizes(self.manifest),
+                         len(self.manifest.classes), os.environ.get(TRACE, ""))  # fmt: skip
+
     def _dataset(self):
         import ray.data
 
-        spec = _ReadSpec(self.manifest.uri, self.manifest.s3_endpoint, self.manifest.base,
-                         self.config.decode, self.preset, self.epoch, shard_sizes(self.manifest),
-                         len(self.manifest.classes))  # fmt: skip
-        items = [p.__dict__ for p in self.pieces]
+        if self.training:
+            items, read = [{"task": task} for task in self._tasks()], read_steps
+        else:
+            items, read = [p.__dict__ for p in self.pieces], read_pieces
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read_pieces, batch_size=1, fn_kwargs={"spec": spec}, num_cpus=self.config.read_cpus
+            read, batch_size=1, fn_kwargs={"spec": self._spec()}, num_cpus=self.config.read_cpus
         )
         # The epoch's order is part of the result: keep the pieces' order through the tasks.
         dataset.context.execution_options.preserve_order = True
         dataset.context.enable_progress_bars = False
         return dataset
 
+    def _tasks(self) -> Iterator[bytes]:
+        """Read tasks over the steps left, each about one shuffle window's steps: the row
+        groups it needs (each read once) and, per step, which of their rows, in order."""
+        import pickle
+
+        per_task = max(1, math.ceil(self.config.shuffle_buffer / self.order.global_batch))
+        for first in range(0, len(self.shares), per_task):
+            chunk = self.shares[first : first + per_task]
+            used = np.unique(np.concatenate([piece for piece, _ in chunk]))
+            pieces = [self.order.pieces[i] for i in used]
+            yield pickle.dumps({
+                "pieces": [(p.path, p.row_group) for p in pieces],
+                "first_index": [p.first_index for p in pieces],
+                "piece": [np.searchsorted(used, piece) for piece, _ in chunk],
+                "offset": [offset for _, offset in chunk],
+            })  # fmt: skip
+
+    def steps(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, list[str]]]]:
+        """Training: this worker's share of each step left, as its micro-batches."""
+        batches = self.iter_batches()
+        for count in self.micro_batches:
+            yield [next(batches) for _ in range(count)]
+
     def iter_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """Like iterating the stream, with each batch's record keys (for per-image results)."""
-        if not self.pieces:
+        if not self.rows:
             return
-        buffer = self.config.shuffle_buffer if self.training else 0
-        # 4 entropy words: never the seed of an image's draws, (seed, epoch, row index).
-        shuffle_seed = _seed32(self.config.seed, self.epoch, self.rank, 1)
-        batches = self._dataset().iter_batches(
-            batch_size=self.batch_size,
-            batch_format="numpy",
+        blocks = self._dataset().iter_batches(
+            batch_size=None if self.training else self.batch_size, batch_format="numpy",
             prefetch_batches=self.config.prefetch_batches,
-            local_shuffle_buffer_size=max(buffer, self.batch_size) if buffer else None,
-            local_shuffle_seed=shuffle_seed if buffer else None,
         )  # fmt: skip
-        finished = (self._finish(batch) for batch in batches)
+        if self.training:
+            blocks = _micro_batches(
+                blocks,
+                [(len(p), n) for (p, _), n in zip(self.shares, self.micro_batches, strict=True)],
+            )
+        finished = (self._finish(batch) for batch in blocks)
         if self.config.decode == "gpu":
             finished = one_batch_ahead(finished, self.device)
         count = 0

@@ -46,12 +46,7 @@ def start_local(*, num_cpus: int | None = None, dashboard: bool = True) -> None:
     record, and with other Ray instances on the machine it would otherwise ask theirs whether
     our controller lives, hear no, and remove the run's placement group mid-training. The
     collective's sockets stay on loopback too (torch's Gloo and NCCL interface settings)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    own = Path(tempfile.mkdtemp(prefix="vgg-ray-", dir="/tmp")) / "ray"  # short: socket paths
-    os.environ["RAY_TMPDIR"] = str(own.parent)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    own = own_temp_dir()
     ray.init(
         address="local",
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),
@@ -62,6 +57,24 @@ def start_local(*, num_cpus: int | None = None, dashboard: bool = True) -> None:
         _node_ip_address="127.0.0.1",
         _temp_dir=str(own),
     )
-    from ray._private.utils import write_ray_address  # what `ray start` writes, for our own
+    record_address(own)
+
+
+def own_temp_dir() -> Path:
+    """A Ray temp folder of this process's own (inherited by every Ray process it starts), and
+    the collective's sockets on loopback: for `start_local` and for a loopback multi-node
+    cluster (`ray.cluster_utils.Cluster`, the elastic tests)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    own = Path(tempfile.mkdtemp(prefix="vgg-ray-", dir="/tmp")) / "ray"  # short: socket paths
+    os.environ["RAY_TMPDIR"] = str(own.parent)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return own
+
+
+def record_address(own: Path) -> None:
+    """Write the connected cluster's address into `own` as `ray start` does into /tmp/ray."""
+    from ray._private.utils import write_ray_address
 
     write_ray_address(ray.get_runtime_context().gcs_address, str(own))

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,13 +53,18 @@ def train_step(
     *,
     bf16: bool = False,
     clip_grad_norm: float = 0.0,
+    global_rows: int = 0,
 ) -> StepResult:
     """Forward and backward over the micro-batches of one step (gradient accumulation), then one
     optimizer update, unless the gradient is not finite: such a step is skipped, as AMP's
     GradScaler skips one, so one bad batch cannot turn weeks of weights into NaN.
-    `clip_grad_norm` > 0 scales the gradient down to that global L2 norm first."""
+    `clip_grad_norm` > 0 scales the gradient down to that global L2 norm first. `global_rows`:
+    the step's rows over all workers, where the workers' shares differ in size (an elastic
+    worker count): each worker's loss sum is scaled by world size / global rows, so that DDP's
+    average of the workers' gradients is the gradient of the mean loss over the whole step."""
     device = micro_batches[0][0].device
     total = sum(len(labels) for _, labels in micro_batches)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(2, dtype=torch.long, device=device)
     optimizer.zero_grad(set_to_none=True)
@@ -70,7 +76,7 @@ def train_step(
             with autocast(device, bf16):
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels, reduction="sum")
-            (loss / total).backward()
+            (loss * (world / global_rows) if global_rows else loss / total).backward()
         loss_sum += loss.detach()
         correct += topk_correct(logits.detach(), labels)
     params = [p for p in model.parameters() if p.grad is not None]

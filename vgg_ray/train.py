@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.config import TrainConfig
-from vgg_ray.data import SplitStream
+from vgg_ray.data import TRACE, SplitStream, trace
 from vgg_ray.errors import ConfigError
 from vgg_ray.manifest import load_manifest
 from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
@@ -36,18 +36,10 @@ SCORE = "val_top5_error"  # the paper's measure
 # epoch's on a data set of 5 classes or fewer, where top-5 error is 0).
 RANK = "checkpoint_rank"
 TIE_BREAK = 1e-6
-
-
-def _grouped(batches: Iterator, size: int) -> Iterator[list]:
-    """Micro-batches grouped into optimizer steps (the last step may have fewer)."""
-    group: list = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
+# Every this many steps all ranks ask Ray whether a node of the run is being reclaimed (spot
+# capacity): the call is a barrier over the workers, so not every step. At 0.1-1 s a step the
+# checkpoint starts within seconds of the notice, well inside a cloud's 30 s to 2 min warning.
+PREEMPTION_POLL_STEPS = 10
 
 
 HEAD = "classifier.6."  # FC3: the class scores
@@ -95,6 +87,10 @@ class LoopState:
     epoch: int = 0  # epochs done
     step: int = 0  # optimizer steps done, over the whole run
     batch_in_epoch: int = 0  # steps done in the current epoch (> 0: a mid-epoch checkpoint)
+    # where the epoch stands in its global order (`data.EpochOrder`): the images trained on so
+    # far this epoch over all workers, whatever their count; a resume starts there
+    sample_in_epoch: int = 0
+    workers: int = 0  # the worker count that wrote the checkpoint (0: unknown, older ones)
     history: list[dict[str, float]] = field(default_factory=list)  # each epoch's metrics
     # the current epoch's training sums so far over all ranks (a mid-epoch checkpoint's)
     epoch_sums: list[float] | None = None
@@ -144,6 +140,9 @@ class Worker:
             classes=len(self.manifest.classes),
         )  # fmt: skip
         self.loop = LoopState()
+        # test-only: where to log what was read and trained on (`data.trace`)
+        self.trace = os.environ[TRACE] = loop_config.get("trace", "")
+        self.preemption = None  # the last preemption notice acted on
         # The run's own latest checkpoint first (a worker failure, a resumed run); else the
         # checkpoint the run is told to start from (a Tune trial continuing a donor's or its own).
         own = ray.train.get_checkpoint()
@@ -163,6 +162,21 @@ class Worker:
         self.tracker = (Tracker(config.tracking_uri, loop_config["mlflow_run_id"])
                         if self.rank == 0 else NullTracker())  # fmt: skip
         self.tracker.requeue(unsent)
+        before, self.loop.workers = self.loop.workers, self.world_size
+        if self.rank == 0:
+            self._announce_workers(before)
+
+    def _announce_workers(self, before: int) -> None:
+        """One line where the run continues on another worker count than its checkpoint's (an
+        elastic run that lost or regained workers), and the count as a metric over steps."""
+        loop, now = self.loop, self.world_size
+        if before and before != now:
+            change = (f"{before - now} of {before} workers lost" if now < before
+                      else f"{now - before} workers joined, {before} -> {now}")  # fmt: skip
+            log.warning("%s; continuing on %d at epoch %d, sample %s of %s", change, now,
+                        loop.epoch + 1, f"{loop.sample_in_epoch:,}",
+                        f"{self.manifest.rows('train'):,}")  # fmt: skip
+        self.tracker.log_metrics({"workers": float(now)}, step=loop.step)
 
     def train(self) -> None:
         """Epochs from where the loop state says, each: train -> validate -> log -> checkpoint."""
@@ -176,6 +190,7 @@ class Worker:
             metrics = self._metrics(epoch, trained, self.validate())
             self.schedule.update(1 - metrics["val_top1_error"])
             loop.epoch, loop.batch_in_epoch, loop.epoch_sums = epoch + 1, 0, None
+            loop.sample_in_epoch = 0
             loop.history.append(metrics)
             self.tracker.log_metrics(metrics, step=epoch)
             if self.rank == 0:  # print() in a Ray Train worker can reach the driver twice
@@ -197,36 +212,40 @@ class Worker:
         [rows, loss sum, top-1 correct, top-5 correct, data wait s, elapsed s, skipped], or None
         when the run diverged (`max_nonfinite_steps` skipped steps in a row)."""
         config, loop, device = self.config, self.loop, self.device
+        # From the checkpoint's position on (0, or a mid-epoch checkpoint's step): nothing before
+        # it is read or decoded, and the remaining steps are split over today's workers.
         stream = SplitStream(self.manifest, "train", config.data, epoch=epoch, rank=self.rank,
                              world_size=self.world_size, batch_size=config.micro_batch,
-                             device=device, training=True)  # fmt: skip
+                             device=device, training=True, global_batch=config.global_batch,
+                             max_workers=config.workers,
+                             start_step=loop.batch_in_epoch)  # fmt: skip
         self.model.train()
-        skip = loop.batch_in_epoch  # > 0 only when resuming from a mid-epoch checkpoint
+        resumed = loop.batch_in_epoch > 0
         # A mid-epoch checkpoint carries the epoch's sums so far over all ranks (rank 0 takes
         # them back), so the epoch's metrics after a restart count every batch exactly once.
-        sums = loop.epoch_sums if skip and self.rank == 0 else None
+        sums = loop.epoch_sums if resumed and self.rank == 0 else None
         seen, loss_sum, c1, c5, wait, before = sums or (0.0, 0.0, 0, 0, 0.0, 0.0)
         correct = torch.tensor([int(c1), int(c5)], dtype=torch.long, device=device)
-        if not skip:
+        if not resumed:
             loop.nonfinite_steps = 0  # steps skipped this epoch: the same on every rank
         started = tick = time.perf_counter() - before
 
         def sums_so_far() -> list[float]:  # this rank's; a checkpoint holds them over all ranks
             return [seen, loss_sum, *correct.tolist(), wait, time.perf_counter() - started]
 
-        for micro_batches in _grouped(iter(stream), config.grad_accum):
-            if skip:
-                skip -= 1
-                tick = time.perf_counter()
-                continue
-            if self.channels_last:
-                micro_batches = [(x.contiguous(memory_format=torch.channels_last), y)
-                                 for x, y in micro_batches]  # fmt: skip
+        for index, batches in enumerate(stream.steps(), start=stream.start_step):
+            trace(self.trace, "trained", [f"{epoch} {index} {key}" for *_, keys in batches
+                                          for key in keys])  # fmt: skip
+            micro_batches = [(x.contiguous(memory_format=torch.channels_last), y)
+                             if self.channels_last else (x, y) for x, y, _ in batches]  # fmt: skip
             wait += time.perf_counter() - tick
+            first, last = stream.order.step_span(index)
             step = train_step(self.model, self.optimizer, micro_batches, bf16=self.bf16,
-                              clip_grad_norm=config.clip_grad_norm)  # fmt: skip
+                              clip_grad_norm=config.clip_grad_norm,
+                              global_rows=last - first)  # fmt: skip
             loop.step += 1
             loop.batch_in_epoch += 1
+            loop.sample_in_epoch = last
             if step.applied:
                 rows = sum(len(y) for _, y in micro_batches)
                 seen, loss_sum = seen + rows, loss_sum + step.loss * rows
@@ -244,11 +263,30 @@ class Worker:
                      "lr": self.optimizer.param_groups[0]["lr"]},
                     step=loop.step,
                 )  # fmt: skip
-            if config.checkpoint_every_steps and loop.step % config.checkpoint_every_steps == 0:
+            every = config.checkpoint_every_steps
+            if self._preemption_notice(loop.step) or (every and loop.step % every == 0):
                 loop.epoch_sums = self._sum_over_ranks(sums_so_far())
                 self.report({"epoch": epoch, "step": loop.step}, is_epoch_end=False)
             tick = time.perf_counter()
         return self._sum_over_ranks([*sums_so_far(), stream.skipped])
+
+    def _preemption_notice(self, step: int) -> bool:
+        """Whether Ray has just reported that a node of this run is being reclaimed: then every
+        rank stops at this step boundary and the run checkpoints at once, before the deadline,
+        and trains on; when the node goes, Ray Train restarts the run on what remains (an
+        elastic run) or returns, from that checkpoint, counted against `max_preemptions`. True
+        once per notice; every rank gets the same answer (the call is a barrier)."""
+        import ray.train
+
+        if step % PREEMPTION_POLL_STEPS:
+            return False
+        notice = ray.train.get_preemption_info()
+        fresh = notice is not None and notice != self.preemption
+        self.preemption = notice
+        if fresh and self.rank == 0:
+            nodes = ", ".join(node[:8] for node in notice.preempted_node_to_ranks)
+            log.warning("preemption notice for node(s) %s: checkpointing at step %d", nodes, step)
+        return fresh
 
     def _stop_diverged(self, epoch: int, streak: int, partial: list[float]) -> None:
         """Checkpoint the weights from before the streak of skipped steps (none of them changed
@@ -258,6 +296,7 @@ class Worker:
         back = min(streak, loop.batch_in_epoch)  # a streak may have begun last epoch
         loop.step -= back
         loop.batch_in_epoch -= back
+        loop.sample_in_epoch = loop.batch_in_epoch * self.config.global_batch
         loop.nonfinite_steps -= back
         loop.nonfinite_streak = 0
         loop.epoch_sums = self._sum_over_ranks(partial)

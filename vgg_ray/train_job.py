@@ -8,6 +8,7 @@ job, `vgg-ray train`, the chain (`reproduce`) and each Tune trial (`build_traine
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import torch
 
 from vgg_ray import checkpoint as ckpt
 from vgg_ray.config import TrainConfig, default_home, init_note
+from vgg_ray.data import TRACE
 from vgg_ray.errors import ConfigError, user_error
 from vgg_ray.manifest import check_shards, load_manifest
 from vgg_ray.models import INITS, build_vgg
@@ -198,7 +200,8 @@ def gpus_per_worker(config: TrainConfig) -> float:
 
     if config.gpus_per_worker is not None:
         return config.gpus_per_worker
-    return 1 if ray.cluster_resources().get("GPU", 0) >= config.workers else 0
+    fewest = config.min_workers or config.workers  # an elastic run starts on what there is
+    return 1 if ray.cluster_resources().get("GPU", 0) >= fewest else 0
 
 
 def build_trainer(
@@ -218,15 +221,19 @@ def build_trainer(
 
     filesystem, storage_path = _storage(config)
     gpus = gpus_per_worker(config)
+    # (fewest, most): an elastic run, Ray Train resizing it with the capacity; else a fixed count
+    workers = (config.min_workers, config.workers) if config.min_workers else config.workers
     return TorchTrainer(
         train_worker,
         train_loop_config={
             "config": config.to_dict(),
             "mlflow_run_id": run_id,
             "start_checkpoint": start_checkpoint,
+            "trace": os.environ.get(TRACE, ""),  # test-only (vgg_ray.data.trace)
         },
         scaling_config=ScalingConfig(
-            num_workers=config.workers,
+            num_workers=workers,
+            elastic_resize_monitor_interval_s=config.elastic_check_s,
             use_gpu=gpus > 0,
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
         ),
@@ -234,7 +241,9 @@ def build_trainer(
             name=config.run_name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=FailureConfig(
+                max_failures=config.max_failures, max_preemption_failures=config.max_preemptions
+            ),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.keep_best,
                 checkpoint_score_attribute=RANK,
