@@ -109,11 +109,11 @@ def test_the_epoch_order_is_global_exactly_once_and_a_function_of_seed_and_epoch
     assert len(manifest.classes) == 3 and manifest.rows("train") == 83
 
     def order(seed=0, epoch=1, **kwargs):
-        values = dict(seed=seed, epoch=epoch, window_rows=16, global_batch=16, max_workers=3)
+        values = dict(seed=seed, epoch=epoch, window_rows=16, global_batch=16, max_workers=4)
         return EpochOrder(manifest, "train", **{**values, **kwargs})
 
     plan = order()
-    # 83 rows, 16 a step: 5 steps, the last one 19 rows (the 3 left over join it: < 3 workers).
+    # 83 rows, 16 a step: 5 steps, the last one 19 rows (the 3 left over join it: < 4 workers).
     assert plan.steps == 5 and plan.step_span(4) == (64, 83)
     steps = {}
     for world_size in (1, 2, 3):
