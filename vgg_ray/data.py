@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -432,12 +432,11 @@ def one_batch_ahead(batches: Iterator[tuple], device: torch.device) -> Iterator[
         ready = upcoming
 
 
-def _micro_batches(blocks: Iterator[dict], steps: list[tuple[int, int]]) -> Iterator[dict]:
+def _micro_batches(blocks: Iterable[dict], steps: list[tuple[int, int]]) -> Iterator[dict]:
     """Ray blocks, in order -> each step's (rows, micro-batches) rows cut into that many
     micro-batches (np.array_split sizes). Blocks may be split or merged on the way; only the
     order of rows counts."""
-    pending: list[dict] = []
-    have = 0
+    blocks, pending, have = iter(blocks), [], 0
     for rows, count in steps:
         while have < rows:
             block = next(blocks)
