@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -385,7 +386,7 @@ def read_steps(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> Iterator[dic
     """Ray Data batch fn, training: one task -> a worker's rows of a few consecutive steps, one
     output batch per step, in order. Each row group the task needs is read once; rows of it
     that other workers or earlier steps take are not decoded."""
-    task = batch["task"][0]
+    task = pickle.loads(batch["task"][0])  # what `SplitStream._tasks` planned
     tables = [
         _read_piece(spec.manifest_uri, spec.s3_endpoint, f"{spec.base}/{path}",
                     (spec.sizes or {}).get(path, 0), int(group))
@@ -547,8 +548,6 @@ class SplitStream:
     def _tasks(self) -> Iterator[bytes]:
         """Read tasks over the steps left, each about one shuffle window's steps: the row
         groups it needs (each read once) and, per step, which of their rows, in order."""
-        import pickle
-
         per_task = max(1, math.ceil(self.config.shuffle_buffer / self.order.global_batch))
         for first in range(0, len(self.shares), per_task):
             chunk = self.shares[first : first + per_task]
