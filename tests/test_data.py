@@ -145,10 +145,10 @@ def test_two_workers_read_every_row_exactly_once(shards, ray_cluster):
     keys = [set(k) for _, _, k, _ in results]
     assert len(keys[0]) + len(keys[1]) == 83 and len(keys[0] | keys[1]) == 83  # none dropped
     assert keys[0] | keys[1] == {f"train-{i:04d}" for i in range(83)}
-    # 83 rows, global batch 16 (2 x 8): 5 steps, the last of 19 rows split 10 + 9.
+    # 83 rows, global batch 16 (2 x 8): 6 steps, the last of 3 rows split 2 + 1.
     streams = [stream for *_, stream in results]
-    assert [len(s.micro_batches) for s in streams] == [5, 5]
-    assert [len(p) for p, _ in streams[0].shares] == [8, 8, 8, 8, 10]
+    assert [len(s.micro_batches) for s in streams] == [6, 6]
+    assert [len(p) for p, _ in streams[0].shares] == [8, 8, 8, 8, 8, 2]
     images, labels, batch_keys, stream = results[0]
     assert images.shape == (42, 3, 32, 32) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1, 2}
