@@ -174,8 +174,10 @@ def test_a_resume_reads_and_decodes_nothing_before_its_position(shards, ray_clus
               for step in (3, 4) for p in order.share(step, rank=0, world_size=1)[0]}  # fmt: skip
     reads = [tuple(line.rsplit(" ", 1)) for log in tmp_path.glob("read-*.log")
              for line in log.read_text().splitlines()]  # fmt: skip
-    assert {(path, int(group)) for path, group in reads} == needed
-    assert len(reads) == len(needed) < sum(len(s.row_groups) for s in manifest.shards("train"))
+    assert {(path, int(group)) for path, group in reads} == needed  # nothing before step 3
+    assert len(needed) < sum(len(s.row_groups) for s in manifest.shards("train"))
+    # A row group a window shares with the next task's steps is read by both tasks, no more.
+    assert len(reads) <= 2 * len(needed)
 
 
 def test_epoch_is_a_function_of_seed_and_epoch(shards, ray_cluster):
