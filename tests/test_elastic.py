@@ -37,11 +37,11 @@ def cluster():
     own = runtime.own_temp_dir()
     nodes = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 2, "temp_dir": str(own), "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "node_ip_address": "127.0.0.1",
+        "dashboard_host": "127.0.0.1",
     })  # fmt: skip
     runtime.record_address(own)
     for _ in range(2):
-        nodes.add_node(num_cpus=TRAINER_CPUS, node_ip_address="127.0.0.1")
+        nodes.add_node(num_cpus=TRAINER_CPUS)
     nodes.wait_for_nodes()
     yield nodes
     ray.shutdown()
@@ -114,7 +114,7 @@ def test_an_elastic_run_loses_a_node_grows_back_and_is_preempted_training_each_i
         events.append("lost")
         while time.monotonic() < deadline and _steps_done(config) < 14:
             time.sleep(0.1)
-        cluster.add_node(num_cpus=TRAINER_CPUS, node_ip_address="127.0.0.1")  # capacity back
+        cluster.add_node(num_cpus=TRAINER_CPUS)  # capacity back
         events.append("added")
         while time.monotonic() < deadline and len(_training_nodes(cluster)) < 2:
             time.sleep(0.2)
