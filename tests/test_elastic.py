@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import make_shards
 from mlflow.tracking import MlflowClient
 
 from vgg_ray import checkpoint as ckpt
@@ -46,6 +47,13 @@ def cluster():
     yield nodes
     ray.shutdown()
     nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    """3 classes, 96 training images: 12 steps of 8 an epoch."""
+    return make_shards(tmp_path_factory.mktemp("data"), classes=3, train_per_class=32,
+                       val_per_class=8)  # fmt: skip
 
 
 def tiny(manifest: str, tmp_path: Path, **overrides) -> TrainConfig:
