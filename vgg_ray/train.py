@@ -172,7 +172,7 @@ class Worker:
         loop, now = self.loop, self.world_size
         if before and before != now:
             change = (f"{before - now} of {before} workers lost" if now < before
-                      else f"{now - before} workers joined, {before} -> {now}")  # fmt: skip
+                      else f"{now - before} joined, {before} -> {now}")  # fmt: skip
             log.warning("%s; continuing on %d at epoch %d, sample %s of %s", change, now,
                         loop.epoch + 1, f"{loop.sample_in_epoch:,}",
                         f"{self.manifest.rows('train'):,}")  # fmt: skip
@@ -264,9 +264,11 @@ class Worker:
                     step=loop.step,
                 )  # fmt: skip
             every = config.checkpoint_every_steps
-            if self._preemption_notice(loop.step) or (every and loop.step % every == 0):
+            notice = self._preemption_notice(loop.step)
+            if notice or (every and loop.step % every == 0):
                 loop.epoch_sums = self._sum_over_ranks(sums_so_far())
-                self.report({"epoch": epoch, "step": loop.step}, is_epoch_end=False)
+                self.report({"epoch": epoch, "step": loop.step}, is_epoch_end=False,
+                            suffix="-preempted" if notice else "")  # fmt: skip
             tick = time.perf_counter()
         return self._sum_over_ranks([*sums_so_far(), stream.skipped])
 
