@@ -387,17 +387,20 @@ def read_steps(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> Iterator[dic
     output batch per step, in order. Each row group the task needs is read once; rows of it
     that other workers or earlier steps take are not decoded."""
     task = pickle.loads(batch["task"][0])  # what `SplitStream._tasks` planned
-    tables = [
-        _read_piece(spec.manifest_uri, spec.s3_endpoint, f"{spec.base}/{path}",
-                    (spec.sizes or {}).get(path, 0), int(group))
-        for path, group in task["pieces"]
-    ]  # fmt: skip
-    trace(spec.trace, "read", [f"{path} {group}" for path, group in task["pieces"]])
-    starts = np.cumsum([0] + [t.num_rows for t in tables[:-1]])  # each piece's first row
-    everything = pa.concat_tables(tables)
+    tables: dict[int, pa.Table] = {}  # row groups read so far, each read when a step needs it
     first_index = np.asarray(task["first_index"])
     for piece, offset in zip(task["piece"], task["offset"], strict=True):
-        table = everything.take(pa.array(starts[piece] + offset))
+        needed = np.unique(piece)
+        for local in needed[[int(p) not in tables for p in needed]]:
+            path, group = task["pieces"][local]
+            size = (spec.sizes or {}).get(path, 0)
+            tables[int(local)] = _read_piece(spec.manifest_uri, spec.s3_endpoint,
+                                             f"{spec.base}/{path}", size, int(group))  # fmt: skip
+            trace(spec.trace, "read", [f"{path} {group}"])
+        parts = [tables[int(p)] for p in needed]
+        starts = np.cumsum([0] + [t.num_rows for t in parts[:-1]])
+        rows = starts[np.searchsorted(needed, piece)] + offset
+        table = pa.concat_tables(parts).take(pa.array(rows))
         label = table.column("label").to_numpy().astype(np.int64)
         if spec.classes:
             label[(label < 0) | (label >= spec.classes)] = -1
