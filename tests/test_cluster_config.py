@@ -148,7 +148,8 @@ def test_rayjob_runs_train_e_on_its_own_cluster():
     parser = Parser()
     add_train_options(parser, arch="E")
     args = parser.parse_args(spec["entrypoint"].split()[2:])
-    assert args.workers == 16 and args.storage_path.startswith("s3://")
+    # --workers 16: (most, fewest) = (16, 0), a fixed count of 16
+    assert args.workers == (16, 0) and args.storage_path.startswith("s3://")
     _check_cluster_spec(spec["rayClusterSpec"])
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip")

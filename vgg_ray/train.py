@@ -258,11 +258,9 @@ class Worker:
                     self._stop_diverged(epoch, streak, sums_so_far())
                     return None
             if loop.step % config.log_every_steps == 0:
-                self.tracker.log_metrics(
-                    {"train_loss_step": step.loss, "grad_norm": step.grad_norm,
-                     "lr": self.optimizer.param_groups[0]["lr"]},
-                    step=loop.step,
-                )  # fmt: skip
+                self.tracker.log_metrics({"train_loss_step": step.loss, "grad_norm": step.grad_norm,
+                                          "lr": self.optimizer.param_groups[0]["lr"]},
+                                         step=loop.step)  # fmt: skip
             every = config.checkpoint_every_steps
             notice = self._preemption_notice(loop.step)
             if notice or (every and loop.step % every == 0):
