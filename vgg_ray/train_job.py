@@ -290,9 +290,10 @@ def train(
     finished_before = resume and client.get_run(run_id).info.status == "FINISHED"
     runtime.connect()
     gpus = gpus_per_worker(config)
+    workers = f"{config.min_workers}-{config.workers}" if config.min_workers else config.workers
     print(
         f"vgg-ray: training net {config.arch} as run {config.run_name!r} "
-        f"({config.workers} worker(s), {gpus} GPU each); MLflow run {run_id}",
+        f"({workers} worker(s), {gpus} GPU each); MLflow run {run_id}",
         flush=True,
     )
     trainer = build_trainer(config, run_id)
