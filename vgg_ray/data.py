@@ -550,10 +550,14 @@ class SplitStream:
 
     def _tasks(self) -> Iterator[bytes]:
         """Read tasks over the steps left, each about one shuffle window's steps: the row
-        groups it needs (each read once) and, per step, which of their rows, in order."""
+        groups it needs (each read once) and, per step, which of their rows, in order. The
+        first tasks are shorter (1, 2, 4, ... steps): Ray Data hands a task's output on in
+        large blocks, so a stream's first batch would otherwise wait for a window's work."""
         per_task = max(1, math.ceil(self.config.shuffle_buffer / self.order.global_batch))
-        for first in range(0, len(self.shares), per_task):
-            chunk = self.shares[first : first + per_task]
+        first, size = 0, 1
+        while first < len(self.shares):
+            chunk = self.shares[first : first + size]
+            first, size = first + len(chunk), min(2 * size, per_task)
             used = np.unique(np.concatenate([piece for piece, _ in chunk]))
             pieces = [self.order.pieces[i] for i in used]
             yield pickle.dumps({
