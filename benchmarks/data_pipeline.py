@@ -65,10 +65,10 @@ def write_shards(data: list[bytes], root: Path, *, repeat: int, val: int = 0) ->
     import pyarrow.parquet as pq
 
     splits = {}
+    heights = [375 if i % 4 != 3 else 500 for i in range(len(data))] * repeat
     for split, rows in (("train", data * repeat), ("val", data[:val])):
         if not rows:
             continue
-        heights = [375 if i % 4 != 3 else 500 for i in range(len(data))] * repeat
         table = pa.table({
             "image": pa.array(rows, pa.binary()),
             "label": pa.array([i % 1000 for i in range(len(rows))], pa.int32()),

@@ -256,7 +256,8 @@ class TrainConfig:
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
             (
                 self.min_workers <= self.workers,
-                f"--workers {self.min_workers}-{self.workers}: the fewest is more than the most",
+                f"--workers {self.min_workers}-{self.workers}: the fewest workers is more than "
+                "the most",
             ),
             (self.min_workers >= 0, f"min_workers must be >= 0 (0: fixed), got {self.min_workers}"),
             (self.max_preemptions >= -1, "max preemptions must be >= 0 (or -1 for no limit)"),

@@ -333,12 +333,18 @@ def read_records(
     index = np.concatenate(
         [np.arange(f, f + t.num_rows) for f, t in zip(batch["first_index"], tables, strict=True)]
     )
-    data = [b for t in tables for b in t.column("image").to_pylist()]
-    label = np.concatenate([t.column("label").to_numpy() for t in tables]).astype(np.int64)
+    return _raw_rows(pa.concat_tables(tables), index, classes)
+
+
+def _raw_rows(table: pa.Table, index: np.ndarray, classes: int) -> dict[str, np.ndarray]:
+    """A table's records as raw rows ("image" bytes, "label", "index", "key"); with `classes`,
+    a label outside [0, classes) becomes -1 (skipped and counted downstream)."""
+    label = table.column("label").to_numpy().astype(np.int64)
     if classes:
         label[(label < 0) | (label >= classes)] = -1
-    key = np.array([k for t in tables for k in t.column("key").to_pylist()], dtype=object)
-    return {"image": np.array(data, dtype=object), "label": label, "index": index, "key": key}
+    image = np.array(table.column("image").to_pylist(), dtype=object)
+    key = np.array(table.column("key").to_pylist(), dtype=object)
+    return {"image": image, "label": label, "index": index, "key": key}
 
 
 def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, np.ndarray]:
@@ -375,8 +381,6 @@ def trace(folder: str, kind: str, lines: list[str]) -> None:
     """Test-only: with a folder (from $VGG_RAY_TRACE where the run started), append `lines` to
     its `<kind>-<pid>.log`: what read tasks read, what workers trained on, so tests can prove
     exactly-once across restarts and worker counts. No folder: nothing."""
-    import os
-
     if folder:
         with open(f"{folder}/{kind}-{os.getpid()}.log", "a") as log:
             log.writelines(f"{line}\n" for line in lines)
@@ -390,24 +394,19 @@ def read_steps(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> Iterator[dic
     tables: dict[int, pa.Table] = {}  # row groups read so far, each read when a step needs it
     first_index = np.asarray(task["first_index"])
     for piece, offset in zip(task["piece"], task["offset"], strict=True):
-        needed = np.unique(piece)
-        for local in needed[[int(p) not in tables for p in needed]]:
-            path, group = task["pieces"][local]
-            size = (spec.sizes or {}).get(path, 0)
-            tables[int(local)] = _read_piece(spec.manifest_uri, spec.s3_endpoint,
-                                             f"{spec.base}/{path}", size, int(group))  # fmt: skip
-            trace(spec.trace, "read", [f"{path} {group}"])
-        parts = [tables[int(p)] for p in needed]
+        needed = np.unique(piece).tolist()
+        for local in needed:
+            if local not in tables:
+                path, group = task["pieces"][local]
+                size = (spec.sizes or {}).get(path, 0)
+                tables[local] = _read_piece(spec.manifest_uri, spec.s3_endpoint,
+                                            f"{spec.base}/{path}", size, int(group))  # fmt: skip
+                trace(spec.trace, "read", [f"{path} {group}"])
+        parts = [tables[p] for p in needed]
         starts = np.cumsum([0] + [t.num_rows for t in parts[:-1]])
         rows = starts[np.searchsorted(needed, piece)] + offset
         table = pa.concat_tables(parts).take(pa.array(rows))
-        label = table.column("label").to_numpy().astype(np.int64)
-        if spec.classes:
-            label[(label < 0) | (label >= spec.classes)] = -1
-        index = first_index[piece] + offset
-        raw = {"image": np.array(table.column("image").to_pylist(), dtype=object),
-               "label": label, "index": index,
-               "key": np.array(table.column("key").to_pylist(), dtype=object)}  # fmt: skip
+        raw = _raw_rows(table, first_index[piece] + offset, spec.classes)
         yield raw if spec.decode == "gpu" else _decoded(raw, spec)
 
 

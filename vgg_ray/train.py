@@ -86,10 +86,10 @@ class LoopState:
 
     epoch: int = 0  # epochs done
     step: int = 0  # optimizer steps done, over the whole run
-    batch_in_epoch: int = 0  # steps done in the current epoch (> 0: a mid-epoch checkpoint)
-    # where the epoch stands in its global order (`data.EpochOrder`): the images trained on so
-    # far this epoch over all workers, whatever their count; a resume starts there
-    sample_in_epoch: int = 0
+    # steps done in the current epoch (> 0: a mid-epoch checkpoint). With the global batch it
+    # is where the epoch stands in its global order (`data.EpochOrder`), whatever the worker
+    # count: a resume starts there
+    batch_in_epoch: int = 0
     workers: int = 0  # the worker count that wrote the checkpoint (0: unknown, older ones)
     history: list[dict[str, float]] = field(default_factory=list)  # each epoch's metrics
     # the current epoch's training sums so far over all ranks (a mid-epoch checkpoint's)
@@ -174,7 +174,7 @@ class Worker:
             change = (f"{before - now} of {before} workers lost" if now < before
                       else f"{now - before} joined, {before} -> {now}")  # fmt: skip
             log.warning("%s; continuing on %d at epoch %d, sample %s of %s", change, now,
-                        loop.epoch + 1, f"{loop.sample_in_epoch:,}",
+                        loop.epoch + 1, f"{loop.batch_in_epoch * self.config.global_batch:,}",
                         f"{self.manifest.rows('train'):,}")  # fmt: skip
         self.tracker.log_metrics({"workers": float(now)}, step=loop.step)
 
@@ -190,7 +190,6 @@ class Worker:
             metrics = self._metrics(epoch, trained, self.validate())
             self.schedule.update(1 - metrics["val_top1_error"])
             loop.epoch, loop.batch_in_epoch, loop.epoch_sums = epoch + 1, 0, None
-            loop.sample_in_epoch = 0
             loop.history.append(metrics)
             self.tracker.log_metrics(metrics, step=epoch)
             if self.rank == 0:  # print() in a Ray Train worker can reach the driver twice
@@ -245,7 +244,6 @@ class Worker:
                               global_rows=last - first)  # fmt: skip
             loop.step += 1
             loop.batch_in_epoch += 1
-            loop.sample_in_epoch = last
             if step.applied:
                 rows = sum(len(y) for _, y in micro_batches)
                 seen, loss_sum = seen + rows, loss_sum + step.loss * rows
@@ -296,7 +294,6 @@ class Worker:
         back = min(streak, loop.batch_in_epoch)  # a streak may have begun last epoch
         loop.step -= back
         loop.batch_in_epoch -= back
-        loop.sample_in_epoch = loop.batch_in_epoch * self.config.global_batch
         loop.nonfinite_steps -= back
         loop.nonfinite_streak = 0
         loop.epoch_sums = self._sum_over_ranks(partial)
