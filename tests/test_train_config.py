@@ -285,3 +285,15 @@ def test_every_command_config_field_is_an_option_described_by_its_docstring():
                                       "--max-images", "8"])  # fmt: skip
     config = _config_of(EvaluateConfig, args, tuples=("models", "modes", "scales"))
     assert (config.read_cpus, config.max_images, config.models) == (0.25, 8, ("m",))
+
+
+def test_a_relative_manifest_path_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray Train workers run in working directories of their own: `--manifest shards` typed in
+    the data's parent folder must reach them as an absolute path (an S3 URI stays as it is)."""
+    from vgg_ray.train_job import resolve
+
+    monkeypatch.chdir(tmp_path)
+    local = resolve(replace(demo("A"), data=replace(demo("A").data, manifest="shards")))
+    assert local.data.manifest == str(tmp_path / "shards")
+    s3 = resolve(replace(demo("A"), data=replace(demo("A").data, manifest="s3://b/x")))
+    assert s3.data.manifest == "s3://b/x"

@@ -51,6 +51,13 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute where it was typed; URIs (s3://, ...) and "" unchanged. Ray
+    Train workers and Tune trials run in working directories of their own, where a relative
+    path names nothing."""
+    return uri if not uri or "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def s3_endpoint_from_env() -> str | None:
     """The endpoint the AWS CLI would use; pyarrow ignores these variables itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None

@@ -25,6 +25,7 @@ from vgg_ray.data import TRACE
 from vgg_ray.errors import ConfigError, user_error
 from vgg_ray.manifest import check_shards, load_manifest
 from vgg_ray.models import INITS, build_vgg
+from vgg_ray.storage import absolute
 from vgg_ray.tracking import (
     DIVERGED_TAG,
     check_reachable,
@@ -101,11 +102,14 @@ def registered_net_a(config: TrainConfig) -> str | None:
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
-    """Fill the embedded defaults: run name, checkpoint storage, tracking URI."""
+    """Fill the embedded defaults: run name, checkpoint storage, tracking URI; a local manifest
+    path made absolute (the workers run in working directories of their own)."""
     run_name = config.run_name or f"{config.arch}-{datetime.now():%Y%m%d-%H%M%S}"
     storage = config.storage_path or str(default_home() / "checkpoints")
     tracking = resolve_uri(config.tracking_uri)
-    return replace(config, run_name=run_name, storage_path=storage, tracking_uri=tracking)
+    data = replace(config.data, manifest=absolute(config.data.manifest))
+    return replace(config, run_name=run_name, storage_path=storage, tracking_uri=tracking,
+                   data=data)  # fmt: skip
 
 
 def _storage(config: TrainConfig):

@@ -48,6 +48,7 @@ from vgg_ray.config import (
 from vgg_ray.errors import ConfigError
 from vgg_ray.schedules import SCHEDULES
 from vgg_ray.stack import serve_sqlite
+from vgg_ray.storage import absolute
 from vgg_ray.tracking import DIVERGED_TAG, resolve_uri, runs_tagged
 from vgg_ray.tracking import experiment_id as named_experiment
 from vgg_ray.trial import SEARCH_TAG, TRIAL_ID_TAG, run_trial, trial_config
@@ -424,10 +425,9 @@ def search(
                           "continue it, or another --name")  # fmt: skip
     if resume and not exists:
         raise ConfigError(f"no search {config.name!r} in {storage} to resume")
-    manifest = config.train.data.manifest
-    if manifest and "://" not in manifest:  # trials run in their own working directories
-        config = replace(config, train=replace(config.train, data=replace(
-            config.train.data, manifest=str(Path(manifest).resolve()))))  # fmt: skip
+    data = config.train.data  # trials run in their own working directories
+    config = replace(config, train=replace(config.train, data=replace(
+        data, manifest=absolute(data.manifest))))  # fmt: skip
 
     preflight(config.train)  # the data, the init, the config: before a server or Ray starts
     runtime.connect()
