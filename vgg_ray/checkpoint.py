@@ -173,7 +173,12 @@ def model_from_state(state: dict[str, Any]) -> VGG:
     batch_norm = bool(state.get("config", {}).get("batch_norm", False))
     model = build_vgg(state["arch"], num_classes=len(state["classes"]), width=state["width"],
                       init="glorot", batch_norm=batch_norm)  # fmt: skip
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # a hand-edited or mismatched file: say so in one line
+        raise ConfigError(f"checkpoint weights do not fit net {state['arch']} (width "
+                          f"{state['width']:g}, {len(state['classes'])} classes): "
+                          f"{str(error).splitlines()[-1].strip()[:200]}") from error  # fmt: skip
     return model
 
 

@@ -14,6 +14,7 @@ from vgg_ray.errors import ConfigError, redact
 
 Command = Callable[[argparse.Namespace], int | None]
 EVAL_MODES = ("single", "dense", "multicrop", "dense+multicrop")  # vgg_ray.evaluate.MODES
+FEATURE_AGGREGATES = ("mean", "stack")  # vgg_ray.features.AGGREGATES
 
 
 class Parser(argparse.ArgumentParser):
@@ -492,6 +493,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate(_config_of(EvaluateConfig, args, tuples=("models", "modes", "scales")))
 
 
+def _features(args: argparse.Namespace) -> None:
+    from vgg_ray.features_job import FeaturesConfig, extract
+
+    extract(_config_of(FeaturesConfig, args, tuples=("models",)))
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from vgg_ray.probe import ProbeConfig, probe
+
+    probe(_config_of(ProbeConfig, args, tuples=("features", "test")))
+
+
 def _register(args: argparse.Namespace) -> None:
     from vgg_ray.registry import RegisterConfig, register_runs
 
@@ -706,6 +719,53 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     add_field_options(parser, EvaluateConfig)
 
 
+def _features_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", dest="models", action="append", metavar="SOURCE",
+        help="checkpoint, runs:/<id>, run id, models:/name/version|@alias (an ensemble: its "
+        "members), or a torchvision VGG state_dict; repeat to stack several nets")  # fmt: skip
+    add("--scales", type=_scale_set, metavar="Q[,Q...]",
+        help="scales Q, e.g. 256,384,512 (default: these, scaled to the net's crop)")  # fmt: skip
+    add("--aggregate", choices=list(FEATURE_AGGREGATES))
+    add("--shard-size", type=_at_least_one)
+    _actor_options(add)
+    _s3_option(add)
+    _tracking_option(add)
+    from vgg_ray.features_job import FeaturesConfig
+
+    add_field_options(parser, FeaturesConfig)
+
+
+def _probe_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--features", action="append", metavar="FOLDER",
+        help="features written by `vgg-ray features` (local or s3://); repeatable")  # fmt: skip
+    add("--test", action="append", metavar="FOLDER",
+        help="test features; repeatable (default: a split of --features)")  # fmt: skip
+    add("--classifier", choices=["svm", "logreg"])
+    add("--c-values", type=_positive_floats, metavar="C[,C...]")
+    add("--train-per-class", type=_at_least_one)
+    add("--splits", type=_at_least_one)
+    add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None,
+        help="log nothing to MLflow; the results are written to --output only")  # fmt: skip
+    _s3_option(add)
+    _tracking_option(add)
+    from vgg_ray.probe import ProbeConfig
+
+    add_field_options(parser, ProbeConfig)
+
+
+def _positive_floats(text: str) -> tuple[float, ...]:
+    """ "0.1,1,10": positive numbers."""
+    try:
+        values = tuple(float(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not numbers like 0.1,1,10: {text!r}") from None
+    if not all(v > 0 for v in values):  # NaN too
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return values
+
+
 def _register_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--run", dest="runs", action="append", metavar="RUN",
@@ -797,6 +857,18 @@ def _commands() -> list[tuple[str, str, Callable | None, Callable]]:
             "the paper's test protocol: dense, multi-crop, multi-scale, ensembles",
             _evaluate_options,
             _evaluate,
+        ),
+        (
+            "features",
+            "the paper's image descriptors of an image set, as Parquet (Appendix B)",
+            _features_options,
+            _features,
+        ),
+        (
+            "probe",
+            "a linear SVM on extracted features: accuracy, mean class recall, mAP",
+            _probe_options,
+            _probe,
         ),
         ("tune", "search lr schedules with Ray Tune (docs/tune.md)", add_tune_options, _tune),
         (

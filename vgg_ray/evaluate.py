@@ -191,11 +191,14 @@ class DenseNet(nn.Module):
 
     Shares the net's modules; only FC1's kernel is computed (a view of FC1's weight at c = 224,
     a small new tensor otherwise). Build it after moving the net to its device. Returns the class
-    score map (N, classes, h, w): 1x1 at a c x c input, equal to the net's logits there.
+    score map (N, classes, h, w): 1x1 at a c x c input, equal to the net's logits there. With
+    `head=False`, FC3 is left off (Appendix B): the map of FC2's activations (after its ReLU).
     """
 
-    def __init__(self, model: VGG, crop: int):
+    def __init__(self, model: VGG, crop: int, *, head: bool = True):
         super().__init__()
+        # classifier: FC1 ReLU Dropout FC2 ReLU Dropout FC3 (dropout: the identity in eval)
+        self.layers = list(model.classifier) if head else list(model.classifier)[:-2]
         if crop % STRIDE:
             raise ConfigError(f"dense evaluation needs a crop that is a multiple of {STRIDE}")
         self.features = model.features
@@ -219,7 +222,7 @@ class DenseNet(nn.Module):
                 f"dense evaluation needs inputs of at least {STRIDE * self.side} px per side"
             )
         first = True
-        for module in self.classifier:
+        for module in self.layers:
             if isinstance(module, nn.Linear):
                 if first:
                     kernel, first = self.fc1_kernel, False
@@ -270,6 +273,7 @@ class NetScorer:
         if channels_last:  # NHWC: faster convs on tensor cores
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dense_net = DenseNet(self.model, info.crop) if info.crop % STRIDE == 0 else None
+        self.feature_net: DenseNet | None = None  # FC3 left off: built on first use
         gain, bias = normalization(info.stats or ColorStats(), info.normalize)
         self.gain, self.bias = gain.to(device)[:, None, None], bias.to(device)[:, None, None]
         self.forwarded = 0  # inputs pushed through the net (multi-crop: 50 per image and scale)
@@ -309,19 +313,36 @@ class NetScorer:
         return probs.view(len(rescaled), per_image, -1).mean(dim=1)
 
     def dense(self, rescaled: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self._dense_flip_mean(self._dense_net(), rescaled, torch.softmax)
+
+    def fc2_descriptor(self, rescaled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(N, 4096·width) FC2 activations of the dense net averaged over space, then over the
+        image and its flip (Appendix B); not normalised."""
+        if self.feature_net is None:
+            self.feature_net = DenseNet(self.model, self.info.crop, head=False)
+        return self._dense_flip_mean(self.feature_net, rescaled, lambda x, dim: x)
+
+    def _dense_net(self) -> DenseNet:
         if self.dense_net is None:
             raise ConfigError(f"net {self.info.name}: dense evaluation needs a crop divisible "
                               f"by {STRIDE}")  # fmt: skip
+        return self.dense_net
+
+    def _dense_flip_mean(
+        self, net: DenseNet, rescaled: Sequence[torch.Tensor], then
+    ) -> torch.Tensor:
+        """`then`(the spatial mean of `net`'s map, dim=1), averaged over each image and its
+        flip. Images are grouped by size, each group one batch as it is: nothing padded."""
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(rescaled):
             by_size[tuple(image.shape[-2:])].append(i)
         out: list[torch.Tensor | None] = [None] * len(rescaled)
-        for indices in by_size.values():  # same size: one batch, nothing padded
+        for indices in by_size.values():
             images = torch.stack([rescaled[i] for i in indices])
-            probs = self._forward(self.dense_net, torch.cat([images, images.flip(-1)]))
-            probs = probs.softmax(dim=1).view(2, len(indices), -1).mean(dim=0)
-            for i, p in zip(indices, probs, strict=True):
-                out[i] = p
+            values = then(self._forward(net, torch.cat([images, images.flip(-1)])), dim=1)
+            values = values.view(2, len(indices), -1).mean(dim=0)
+            for i, value in zip(indices, values, strict=True):
+                out[i] = value
         return torch.stack(out)
 
 

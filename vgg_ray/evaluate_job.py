@@ -42,7 +42,7 @@ from vgg_ray.evaluate import (
     table_markdown,
 )
 from vgg_ray.manifest import Manifest, check_shards, load_manifest, shard_sizes
-from vgg_ray.models import VGG
+from vgg_ray.models import VGG, vgg_for_state_dict
 from vgg_ray.transforms import PAPER_SCALE, ColorStats, decode_cpu, decode_gpu
 
 
@@ -200,7 +200,9 @@ def _mlflow_model(uri: str, run, source: str) -> LoadedNet:
 
 
 def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) -> LoadedNet:
-    """One net from a checkpoint path, `runs:/<id>[/path]`, a run id, or a `models:/` URI."""
+    """One net from a checkpoint path, `runs:/<id>[/path]`, a run id, or a `models:/` URI; or
+    from a plain state_dict file (torchvision's vgg11/13/16/19[_bn] weights: their input
+    normalisation, 224 crops)."""
     from vgg_ray.checkpoint import load_trained
 
     if source.startswith("models:/"):
@@ -212,6 +214,10 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
     path = source.removeprefix("runs:/").partition("/")[2] if source.startswith("runs:/") else ""
     if run_id is None:  # a checkpoint
         model, state = load_trained(source, s3_endpoint=s3_endpoint)
+        if model is None and "model" in state:  # a plain state_dict: torchvision's weights
+            name, model = vgg_for_state_dict(state["model"], source)
+            return LoadedNet(model.eval(), NetInfo(name=name, normalize="torchvision",
+                                                   source=source))  # fmt: skip
         if model is None or "arch" not in state:
             raise ConfigError(f"{source} carries no net description (arch, classes): evaluate a "
                               "vgg-ray checkpoint, run or registered model")  # fmt: skip
@@ -274,6 +280,21 @@ def load_nets(config: EvaluateConfig) -> tuple[list[LoadedNet], Manifest]:
 # --- the Ray side --------------------------------------------------------------------------
 
 
+def actor_device(threads: int) -> torch.device:
+    """A batch-inference actor's device: its GPU where Ray gave it one (Ray sets
+    CUDA_VISIBLE_DEVICES for GPU actors), else the CPU with `threads` threads (not the whole
+    node's cores in every actor)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
+def decode_on(device: torch.device, data: list[bytes]) -> list[torch.Tensor | None]:
+    """JPEG bytes to uint8 RGB tensors on `device` (nvjpeg on a GPU); None where one fails."""
+    return decode_gpu(data, device) if device.type == "cuda" else decode_cpu(data)
+
+
 class EvalActor:
     """A Ray Data actor: holds every net on its device; per batch, decodes the JPEGs there and
     returns each protocol's top-5 per image (label -1 where a record did not decode)."""
@@ -283,10 +304,8 @@ class EvalActor:
         import ray
 
         nets: list[LoadedNet] = ray.get(nets_ref[0])
-        on_gpu = torch.cuda.is_available()  # Ray sets CUDA_VISIBLE_DEVICES for GPU actors
-        self.device = torch.device("cuda" if on_gpu else "cpu")
-        if not on_gpu:
-            torch.set_num_threads(threads)  # not the whole node's cores in every actor
+        self.device = actor_device(threads)
+        on_gpu = self.device.type == "cuda"
         self.evaluator = Evaluator(
             [n.model for n in nets], [n.info for n in nets], rows, device=self.device,
             max_crops=max_crops, bf16=on_gpu if bf16 is None else bf16, channels_last=on_gpu,
@@ -295,8 +314,7 @@ class EvalActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         data = list(batch["image"])
-        on_gpu = self.device.type == "cuda"
-        images = decode_gpu(data, self.device) if on_gpu else decode_cpu(data)
+        images = decode_on(self.device, data)
         good = [i for i, image in enumerate(images) if image is not None]
         top_k = np.full((len(data), len(self.evaluator.rows), self.k), -1, np.int64)
         if good:
@@ -317,6 +335,20 @@ def _pieces(manifest: Manifest, split: str, max_images: int) -> list[dict[str, A
     return pieces
 
 
+def actor_pool(actors: int, gpus_per_actor: float | None) -> tuple[int, float]:
+    """(actors, GPUs each) for batch inference on the connected cluster: by default one actor
+    per GPU where there are GPUs, else one per 2 CPUs (the rest read and decode)."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = (1 if cluster_gpus >= 1 else 0) if gpus_per_actor is None else gpus_per_actor
+    if actors:
+        return actors, gpus
+    if gpus:
+        return max(1, int(cluster_gpus // gpus)), gpus
+    return max(1, int(ray.cluster_resources()["CPU"]) // 2), gpus
+
+
 def run_inference(
     config: EvaluateConfig, nets: list[LoadedNet], rows: list[Protocol], manifest: Manifest
 ) -> tuple[Tally, int, dict[str, np.ndarray]]:
@@ -328,13 +360,7 @@ def run_inference(
     from vgg_ray import runtime
 
     runtime.connect()
-    gpus = config.gpus_per_actor
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus is None:
-        gpus = 1 if cluster_gpus >= 1 else 0
-    actors = config.actors or (
-        int(cluster_gpus // gpus) if gpus else max(1, int(ray.cluster_resources()["CPU"]) // 2)
-    )
+    actors, gpus = actor_pool(config.actors, config.gpus_per_actor)
     pieces = _pieces(manifest, config.split, config.max_images)
     total = sum(p["stop"] - p["start"] for p in pieces)
     print(f"vgg-ray evaluate: {total} images of split {config.split!r}, {len(rows)} protocol(s), "

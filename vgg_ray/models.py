@@ -159,6 +159,31 @@ def build_vgg(
     return model
 
 
+def vgg_for_state_dict(
+    state_dict: dict[str, torch.Tensor], source: str = "state_dict"
+) -> tuple[str, VGG]:
+    """(name, net) of the Table 1 net whose layers a plain state_dict holds (torchvision's
+    vgg11/13/16/19 and their _bn variants, or a vgg-ray net's weights alone), with its weights.
+    The width is read from the first conv and the classes from FC3; the net is the one whose
+    every parameter name and shape match. ConfigError where none does (not a VGG)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    first, head = shapes.get("features.0.weight"), shapes.get("classifier.6.weight")
+    if not first or not head or len(first) != 4:
+        raise ConfigError(f"{source} is not a VGG state_dict (no features.0 conv or classifier.6 "
+                          "layer, as vgg-ray and torchvision VGGs have)")  # fmt: skip
+    width, batch_norm = first[0] / 64, "features.1.running_mean" in shapes
+    for name in CONFIGS:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            candidate = build_vgg(name, num_classes=head[0], width=width, batch_norm=batch_norm)
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+            model = build_vgg(name, num_classes=head[0], width=width, init="glorot",
+                              batch_norm=batch_norm)  # fmt: skip
+            model.load_state_dict(state_dict)
+            return name, model
+    raise ConfigError(f"{source}: its layers match no net of Table 1 ({', '.join(CONFIGS)}) at "
+                      f"width {width:g}{' with batch norm' if batch_norm else ''}")  # fmt: skip
+
+
 def _conv_stages(model: VGG) -> list[list[str]]:
     """Module names of each stage's convs, e.g. [["features.0"], ["features.3"], ...] for A."""
     stages: list[list[str]] = [[]]

@@ -1,0 +1,270 @@
+"""Appendix B: the paper's descriptor (`vgg_ray.features`), `vgg-ray features` over real images
+on a real Ray, resume, and the probe on what it wrote (real MLflow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+from vgg_ray.errors import ConfigError
+from vgg_ray.evaluate import NetInfo
+from vgg_ray.features import Describer, feature_scales
+from vgg_ray.models import build_vgg, vgg_for_state_dict
+from vgg_ray.transforms import ColorStats, normalization
+
+CROP = 32  # a demo net's crop: its conv stack gives one position per 32 px
+
+
+def _net(seed: int = 0, arch: str = "A", classes: int = 5):
+    torch.manual_seed(seed)
+    return build_vgg(arch, num_classes=classes, width=1 / 16, init="kaiming").eval()
+
+
+def _image(height: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+def _by_hand(model, image: torch.Tensor, scales, aggregate: str) -> np.ndarray:
+    """FC2's activation at every position of the conv map (each position's 512-d vector through
+    the net's own avgpool and FC1, FC2 as in a forward pass), averaged over space, then over the
+    image and its flip; the scales averaged or concatenated; L2-normalised."""
+    gain, bias = normalization(ColorStats(), "paper")
+    per_scale = []
+    for q in scales:
+        both = []
+        for pixels in (image, image.flip(-1)):
+            x = TF.resize(pixels, [q], antialias=True).float() * gain[:, None, None]
+            x = x + bias[:, None, None]
+            with torch.no_grad():
+                conv = model.features(x[None])[0]
+                positions = [
+                    model.classifier[:5](model.avgpool(conv[:, i : i + 1, j : j + 1]).flatten())
+                    for i in range(conv.shape[1])
+                    for j in range(conv.shape[2])
+                ]
+            both.append(torch.stack(positions).mean(dim=0))
+        per_scale.append(torch.stack(both).mean(dim=0))
+    joined = torch.stack(per_scale).mean(dim=0) if aggregate == "mean" else torch.cat(per_scale)
+    return F.normalize(joined, dim=0).numpy()
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "stack"])
+def test_descriptor_is_fc2_averaged_over_space_and_flips_then_l2_normalised(aggregate):
+    model, info = _net(), NetInfo(name="A", crop=CROP, normalize="paper")
+    image = _image(50, 77, seed=1)
+    scales = (32, 48, 64)
+    describe = Describer([model], [info], scales=scales, aggregate=aggregate)
+    got = describe([image])[0]
+    assert got.shape == (model.classifier[3].out_features * (3 if aggregate == "stack" else 1),)
+    np.testing.assert_allclose(got, _by_hand(model, image, scales, aggregate), atol=1e-5)
+    assert np.linalg.norm(got) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_two_nets_are_stacked_each_normalised():
+    nets = [_net(0, "A"), _net(1, "B")]
+    infos = [NetInfo(name="A", crop=CROP), NetInfo(name="B", crop=CROP)]
+    image = _image(40, 40, seed=2)
+    both = Describer(nets, infos, scales=(32, 40), aggregate="mean")([image])[0]
+    alone = [Describer([n], [i], scales=(32, 40), aggregate="mean")([image])[0]
+             for n, i in zip(nets, infos, strict=True)]  # fmt: skip
+    np.testing.assert_allclose(both, np.concatenate(alone) / np.sqrt(2), atol=1e-6)
+
+
+def test_batching_by_size_never_changes_a_descriptor():
+    model, info = _net(), NetInfo(name="A", crop=CROP)
+    images = [_image(h, w, seed=i) for i, (h, w) in
+              enumerate([(40, 60), (33, 90), (40, 60), (64, 64), (90, 33), (40, 60)])]  # fmt: skip
+    describe = Describer([model], [info], scales=(32, 45), aggregate="stack", max_crops=2)
+    batched = describe(images)
+    one_by_one = np.concatenate([describe([image]) for image in images])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
+
+
+def test_default_scales_are_the_papers_scaled_to_the_crop():
+    assert feature_scales(NetInfo(name="D")) == (256, 384, 512)
+    assert feature_scales(NetInfo(name="A", crop=32)) == (37, 55, 73)
+    assert feature_scales(NetInfo(name="A", crop=32), (40, 50)) == (40, 50)
+
+
+def test_bad_descriptor_settings_are_config_errors():
+    model = _net()
+    with pytest.raises(ConfigError, match="below net A's crop size 32"):
+        Describer([model], [NetInfo(name="A", crop=CROP)], scales=(24, 48))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        Describer([model], [NetInfo(name="A", crop=40)], scales=(48,))
+    with pytest.raises(ConfigError, match="unknown aggregate"):
+        Describer([model], [NetInfo(name="A", crop=CROP)], aggregate="max")
+
+
+def test_a_plain_state_dict_is_matched_to_its_table_1_net():
+    import torchvision
+
+    for arch in ("A", "A-LRN", "C", "E"):
+        name, model = vgg_for_state_dict(build_vgg(arch, num_classes=7, width=1 / 16).state_dict())
+        assert name == arch and model.num_classes == 7
+    name, model = vgg_for_state_dict(torchvision.models.vgg11_bn(num_classes=10).state_dict())
+    assert name == "A" and model.batch_norm
+    with pytest.raises(ConfigError, match="not a VGG state_dict"):
+        vgg_for_state_dict(torchvision.models.resnet18().state_dict(), "resnet.pt")
+    wrong = build_vgg("D", num_classes=3, width=1 / 16).state_dict()
+    wrong.pop("features.28.weight")
+    with pytest.raises(ConfigError, match="match no net of Table 1"):
+        vgg_for_state_dict(wrong, "cut.pt")
+
+
+# --- the job: real photos in class folders, real Ray, real MLflow -------------------------------
+
+
+def _photos() -> list[tuple[str, Path]]:
+    """Three real photographs that ship with scikit-learn and matplotlib."""
+    import matplotlib
+    import sklearn
+
+    sk = Path(sklearn.__file__).parent / "datasets" / "images"
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    return [("china", sk / "china.jpg"), ("flower", sk / "flower.jpg"),
+            ("hopper", mpl / "grace_hopper.jpg")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    """Class folders of crops (40-80 px, sizes vary) of three real photos, 14 per class, with a
+    folder's usual oddities: a PNG, a grayscale and a CMYK JPEG, a truncated JPEG, macOS and
+    notebook litter, a text file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos") / "images"
+    rng = np.random.default_rng(0)
+    for name, path in _photos():
+        photo = Image.open(path).convert("RGB")
+        (root / name).mkdir(parents=True)
+        for i in range(14):
+            side = int(rng.integers(120, 300))
+            left = int(rng.integers(0, photo.width - side))
+            top = int(rng.integers(0, photo.height - side))
+            size = (int(rng.integers(40, 80)), int(rng.integers(40, 80)))
+            crop = photo.crop((left, top, left + side, top + side)).resize(size)
+            if i == 0:
+                crop.save(root / name / f"{i:02d}.png")
+            elif i == 1:
+                crop.convert("L").save(root / name / f"{i:02d}.jpg")
+            elif i == 2:
+                crop.convert("CMYK").save(root / name / f"{i:02d}.jpg")
+            else:
+                crop.save(root / name / f"{i:02d}.JPEG", quality=90)
+    broken = (root / "china" / "03.JPEG").read_bytes()
+    (root / "china" / "99-truncated.jpg").write_bytes(broken[: len(broken) // 3])
+    (root / "flower" / ".DS_Store").write_bytes(b"\0\1")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "README.txt").write_text("photos\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def narrow_net(tmp_path_factory) -> tuple[Path, str]:
+    """(checkpoint, manifest): a narrow net A (crop 32), trained for a few dozen SGD steps on
+    generated shards, saved as training saves it: the feature extractor (the photos are another
+    data set)."""
+    import dataclasses
+
+    from conftest import make_shards, read_split
+
+    from vgg_ray.checkpoint import save_state
+    from vgg_ray.config import demo
+    from vgg_ray.manifest import load_manifest
+    from vgg_ray.transforms import training
+
+    data = make_shards(tmp_path_factory.mktemp("features-data"), classes=3, train_per_class=12,
+                       val_per_class=2, row_group_rows=8, shard_size=256 * 2**20)  # fmt: skip
+    manifest = load_manifest(data)
+    images, labels, _, _ = read_split(data, "train")
+    labels = np.array(labels)
+    config = demo("A", run_name="", width=1 / 16)
+    preset = training(scale=(36, 48), crop=CROP, stats=manifest.stats)
+    model = _net(0, classes=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for step in range(20):
+        index = np.random.default_rng(step).choice(len(images), 12, replace=False)
+        x = preset([images[i] for i in index], epoch=step, indices=index.tolist())
+        loss = F.cross_entropy(model(x), torch.from_numpy(labels[index]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    directory = tmp_path_factory.mktemp("checkpoint")
+    save_state(directory, {
+        "arch": "A", "width": 1 / 16, "classes": list(manifest.wnids),
+        "config": config.to_dict(), "data_stats": dataclasses.asdict(manifest.stats),
+        "model": model.eval().state_dict(),
+    })  # fmt: skip
+    return directory, data
+
+
+def _extract(net, source, output, **overrides):
+    from vgg_ray.features_job import FeaturesConfig, extract
+
+    values = dict(models=(str(net),), source=str(source), output=str(output), shard_size=16,
+                  actors=1, cpus_per_actor=0.5, progress_every=20)  # fmt: skip
+    values.update(overrides)
+    return extract(FeaturesConfig(**values))
+
+
+def _read_features(folder: Path):
+    manifest = json.loads((folder / "features.json").read_text())
+    tables = [pq.read_table(folder / s["path"]) for s in manifest["shards"]]
+    return manifest, tables
+
+
+def test_a_stopped_extraction_reruns_only_its_unfinished_shards(ray_cluster, photo_folder,
+                                                                narrow_net, tmp_path):  # fmt: skip
+    net, _ = narrow_net
+    out = tmp_path / "features"
+    first = _extract(net, photo_folder, out)
+    assert first.computed_shards == ["part-00000.parquet", "part-00001.parquet",
+                                     "part-00002.parquet"] and first.reused_shards == []  # fmt: skip
+    assert (first.images, first.skipped) == (42, 1)  # the truncated JPEG, counted
+    manifest, tables = _read_features(out)
+    assert manifest["classes"] == ["china", "flower", "hopper"]
+    assert sum(t.num_rows for t in tables) == 42 == manifest["images"]
+    assert {c for t in tables for c in t.column("class").to_pylist()} == set(manifest["classes"])
+    # What a job stopped while writing shard 1 leaves: shards 0 and 2, no shard 1, no manifest.
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("part-*")}
+    (out / "part-00001.parquet").unlink()
+    (out / "features.json").unlink()
+    again = _extract(net, photo_folder, out)
+    assert again.computed_shards == ["part-00001.parquet"]
+    assert again.reused_shards == ["part-00000.parquet", "part-00002.parquet"]
+    for name in again.reused_shards:
+        assert (out / name).stat().st_mtime_ns == before[name][0]
+    assert (out / "part-00001.parquet").read_bytes() == before["part-00001.parquet"][1]
+    assert (again.images, again.skipped) == (42, 1)
+    # Another descriptor into the same folder is refused, not mixed in.
+    with pytest.raises(ConfigError, match="holds another extraction"):
+        _extract(net, photo_folder, out, aggregate="mean")
+
+
+def test_prepared_shards_are_a_source_with_their_labels(ray_cluster, narrow_net, tmp_path):
+    from conftest import read_split
+
+    from vgg_ray.manifest import load_manifest
+
+    net, data = narrow_net
+    result = _extract(net, data, tmp_path / "val", split="val", scales=(32, 48), aggregate="mean")
+    manifest, tables = _read_features(tmp_path / "val")
+    _, labels, keys, _ = read_split(data, "val")
+    table = tables[0]
+    assert result.images == len(keys) and manifest["split"] == "val"
+    assert dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist(),
+                    strict=True)) == dict(zip(keys, labels, strict=True))  # fmt: skip
+    wnids = load_manifest(data).wnids
+    assert table.column("class").to_pylist() == [wnids[i] for i in table.column("label").to_pylist()]
+    vectors = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
