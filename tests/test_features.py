@@ -228,8 +228,8 @@ def test_a_stopped_extraction_reruns_only_its_unfinished_shards(ray_cluster, pho
     net, _ = narrow_net
     out = tmp_path / "features"
     first = _extract(net, photo_folder, out)
-    assert first.computed_shards == ["part-00000.parquet", "part-00001.parquet",
-                                     "part-00002.parquet"] and first.reused_shards == []  # fmt: skip
+    assert first.computed_shards == [f"part-0000{i}.parquet" for i in range(3)]
+    assert first.reused_shards == []
     assert (first.images, first.skipped) == (42, 1)  # the truncated JPEG, counted
     manifest, tables = _read_features(out)
     assert manifest["classes"] == ["china", "flower", "hopper"]
@@ -265,6 +265,7 @@ def test_prepared_shards_are_a_source_with_their_labels(ray_cluster, narrow_net,
     assert dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist(),
                     strict=True)) == dict(zip(keys, labels, strict=True))  # fmt: skip
     wnids = load_manifest(data).wnids
-    assert table.column("class").to_pylist() == [wnids[i] for i in table.column("label").to_pylist()]
+    classes = table.column("class").to_pylist()
+    assert classes == [wnids[i] for i in table.column("label").to_pylist()]
     vectors = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
