@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md in one run, from the shipped code path; about 6 minutes
+# Every GPU figure of docs/benchmarks.md in one run, from the shipped code path; about 7 minutes
 # on one H200 (each step has its own time limit, so one stuck step cannot eat the rest).
 #
 #   ../shared/tools/gpu-bundle                        # here: Ray, MLflow, boto3 for Python 3.12
@@ -22,3 +22,5 @@ step 150 python3 benchmarks/train_throughput.py --archs D --size 224 --batch 256
 step 60  python3 benchmarks/data_pipeline.py --device cuda --out "$out/data_pipeline_cuda.json"
 step 200 python3 benchmarks/train_pipeline.py --arch D --images 40000 --batch 256 \
            --out "$out/train_pipeline_cuda.json"
+step 90  python3 benchmarks/features_throughput.py --images 512 \
+           --out "$out/features_throughput_cuda.json"
