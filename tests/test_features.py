@@ -208,6 +208,13 @@ def narrow_net(tmp_path_factory) -> tuple[Path, str]:
     return directory, data
 
 
+@pytest.fixture(scope="module")
+def cluster(s3, ray_cluster):
+    """Ray, started after the S3 server's credentials are in the environment (its workers
+    inherit it): every Ray test of this module asks for this one."""
+    return s3
+
+
 def _extract(net, source, output, **overrides):
     from vgg_ray.features_job import FeaturesConfig, extract
 
@@ -218,13 +225,13 @@ def _extract(net, source, output, **overrides):
 
 
 def _read_features(folder: Path):
-    manifest = json.loads((folder / "features.json").read_text())
+    manifest = json.loads((folder / "_features.json").read_text())
     tables = [pq.read_table(folder / s["path"]) for s in manifest["shards"]]
     return manifest, tables
 
 
-def test_a_stopped_extraction_reruns_only_its_unfinished_shards(ray_cluster, photo_folder,
-                                                                narrow_net, tmp_path):  # fmt: skip
+def test_a_stopped_extraction_reruns_only_its_unfinished_shards(cluster, photo_folder, narrow_net,
+                                                                tmp_path):  # fmt: skip
     net, _ = narrow_net
     out = tmp_path / "features"
     first = _extract(net, photo_folder, out)
@@ -238,7 +245,7 @@ def test_a_stopped_extraction_reruns_only_its_unfinished_shards(ray_cluster, pho
     # What a job stopped while writing shard 1 leaves: shards 0 and 2, no shard 1, no manifest.
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("part-*")}
     (out / "part-00001.parquet").unlink()
-    (out / "features.json").unlink()
+    (out / "_features.json").unlink()
     again = _extract(net, photo_folder, out)
     assert again.computed_shards == ["part-00001.parquet"]
     assert again.reused_shards == ["part-00000.parquet", "part-00002.parquet"]
@@ -251,7 +258,7 @@ def test_a_stopped_extraction_reruns_only_its_unfinished_shards(ray_cluster, pho
         _extract(net, photo_folder, out, aggregate="mean")
 
 
-def test_prepared_shards_are_a_source_with_their_labels(ray_cluster, narrow_net, tmp_path):
+def test_prepared_shards_are_a_source_with_their_labels(cluster, narrow_net, tmp_path):
     from conftest import read_split
 
     from vgg_ray.manifest import load_manifest
@@ -269,3 +276,57 @@ def test_prepared_shards_are_a_source_with_their_labels(ray_cluster, narrow_net,
     assert classes == [wnids[i] for i in table.column("label").to_pylist()]
     vectors = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_bad_input_is_one_line_and_exit_2_before_any_work(narrow_net, photo_folder, tmp_path,
+                                                          capsys):  # fmt: skip
+    import torchvision
+
+    from vgg_ray.cli import main
+
+    net, _ = narrow_net
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "cat" / "notes.txt").write_text("no images here")
+    cases = [
+        (["--model", str(tmp_path / "resnet18.pt"), "--source", str(photo_folder)],
+         "is not a VGG state_dict"),
+        (["--model", str(net), "--source", str(photo_folder), "--scales", "16,48"],
+         "scale Q = 16 is below net A's crop size 32"),
+        (["--model", str(net), "--source", str(tmp_path / "empty")], "holds no images"),
+        (["--model", str(net), "--source", str(tmp_path / "nowhere")], "no such file or folder"),
+        (["--model", str(net), "--source", str(photo_folder), "--aggregate", "max"], "invalid"),
+        (["--source", str(photo_folder)], "no model given"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(["features", *argv, "--output", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+def test_images_on_s3_give_the_same_descriptors_written_to_s3(cluster, photo_folder, narrow_net,
+                                                              tmp_path):  # fmt: skip
+    import boto3
+    import pyarrow.fs as pafs
+
+    net, _ = narrow_net
+    client = boto3.client("s3", endpoint_url=cluster.endpoint)
+    for path in photo_folder.rglob("*"):
+        if path.is_file():
+            key = f"photos/{path.relative_to(photo_folder).as_posix()}"
+            client.put_object(Bucket=cluster.bucket, Key=key, Body=path.read_bytes())
+    remote = _extract(net, cluster.uri("photos"), cluster.uri("features"),
+                      s3_endpoint=cluster.endpoint, scales=(32, 48))  # fmt: skip
+    local = _extract(net, photo_folder, tmp_path / "local", scales=(32, 48))
+    assert (remote.images, remote.skipped) == (local.images, local.skipped) == (42, 1)
+    host = cluster.endpoint.removeprefix("http://")
+    fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1")
+    manifest = json.loads(fs.open_input_stream(f"{cluster.bucket}/features/_features.json").read())
+    assert manifest["images"] == 42 and manifest["classes"] == ["china", "flower", "hopper"]
+    on_s3 = pq.read_table(f"{cluster.bucket}/features", filesystem=fs).sort_by("key")
+    here = pq.read_table(tmp_path / "local").sort_by("key")
+    assert on_s3.column("key").to_pylist() == here.column("key").to_pylist()
+    np.testing.assert_allclose(np.stack(on_s3.column("feature").to_numpy(zero_copy_only=False)),
+                               np.stack(here.column("feature").to_numpy(zero_copy_only=False)),
+                               atol=1e-6)  # fmt: skip

@@ -1,19 +1,19 @@
 """`vgg-ray features`: the paper's descriptors (`vgg_ray.features`, Appendix B) of an image set,
-with Ray Data batch inference, written as Parquet shards plus features.json.
+with Ray Data batch inference, written as Parquet shards plus _features.json.
 
 ```
 nets (checkpoint | runs:/ | models:/ incl. an ensemble | torchvision state_dict) --> ray.put
 source: prepared shards (a manifest's split) | a folder or s3:// prefix of images
   --plan: output shards of `shard_size` images, in a fixed order--> read tasks (CPU: bytes;
   odd files converted as `prepare` does) --> FeatureActor pool (GPU, else CPU): decode,
-  describe --> driver: each output shard written once complete --> features.json last
+  describe --> driver: each output shard written once complete --> _features.json last
 ```
 Output folder (local or s3://):
 - `part-00000.parquet`, ...: `key` (string), `label` (int64, -1 unknown), `class` (string,
   null unknown), `feature` (fixed_size_list<float32>[dim], unit L2 norm). Images that do not
   decode are left out and counted in the file's metadata.
-- `plan.json`: what this extraction is (model fingerprint, source, shard sizes), written first;
-  `features.json`: the manifest, written last (its presence = a finished extraction).
+- `_plan.json`: what this extraction is (model fingerprint, source, shard sizes), written first;
+  `_features.json`: the manifest, written last (its presence = a finished extraction).
 A stopped job rerun with the same command continues: shards already written are not recomputed;
 an output folder that holds another extraction is refused.
 """
@@ -51,7 +51,9 @@ from vgg_ray.features import (
 )
 
 FORMAT = "vgg-ray-features/1"
-PLAN, MANIFEST = "plan.json", "features.json"
+# Leading "_": Parquet readers (pyarrow and pandas on the folder, Spark) skip such files, so the
+# folder reads as one Parquet data set.
+PLAN, MANIFEST = "_plan.json", "_features.json"
 FILES_PER_READ = 32  # images per read task of a folder source
 METADATA_KEY = b"vgg_ray"  # a shard's own record: images planned, what was skipped and why
 
@@ -126,7 +128,7 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class FeaturesResult:
-    output: str  # the folder (or s3:// prefix) holding the shards and features.json
+    output: str  # the folder (or s3:// prefix) holding the shards and _features.json
     images: int  # descriptors written
     dim: int
     skipped: int  # images that did not decode
@@ -237,7 +239,10 @@ def _plan_folder(config: FeaturesConfig) -> Source:
 
     fs, root = storage.open_storage(config.source, s3_endpoint=config.s3_endpoint)
     with storage.storage_errors(config.source, config.s3_endpoint):
-        if fs.get_file_info(root).type != pafs.FileType.Directory:
+        kind = fs.get_file_info(root).type
+        if kind == pafs.FileType.NotFound:
+            raise ConfigError(f"{config.source}: no such file or folder")
+        if kind != pafs.FileType.Directory:
             raise ConfigError(f"{config.source}: not a folder of images nor a prepared data set "
                               "(no manifest.json)")  # fmt: skip
         listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -438,7 +443,7 @@ def _check_plan(fs: pafs.FileSystem, base: str, plan: dict, output: str) -> None
 
 def extract(config: FeaturesConfig) -> FeaturesResult:
     """The whole job: load and check the nets, plan the source, describe every image not yet in
-    a finished shard, write the shards, then features.json. What `vgg-ray features` and
+    a finished shard, write the shards, then _features.json. What `vgg-ray features` and
     jobs/extract_features.py call."""
     from vgg_ray.tracking import resolve_uri
 
