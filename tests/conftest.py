@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,20 @@ def tracking_uri(mlflow_store, monkeypatch, tmp_path) -> str:
     MLFLOW_TRACKING_URI / _REGISTRY_URI / _EXPERIMENT_ID, and these globals would otherwise carry
     one test's store into the next (or the other parameter's). The embedded default's home is
     the test's own folder."""
+    with _mlflow_globals_restored(monkeypatch, tmp_path):
+        yield mlflow_store
+
+
+@pytest.fixture
+def sqlite_uri(monkeypatch, tmp_path) -> str:
+    """A fresh SQLite store of the test's own (the laptop default), MLflow's process-wide state
+    put back afterwards as `tracking_uri` does, for tests that need one store only."""
+    with _mlflow_globals_restored(monkeypatch, tmp_path):
+        yield f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@contextmanager
+def _mlflow_globals_restored(monkeypatch, tmp_path):
     from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -149,9 +164,11 @@ def tracking_uri(mlflow_store, monkeypatch, tmp_path) -> str:
     # From nothing: code that leans on a leftover URI fails here, not only after another test.
     tracking_utils._tracking_uri = registry_utils._registry_uri = None
     fluent._active_experiment_id = None
-    yield mlflow_store
-    (tracking_utils._tracking_uri, registry_utils._registry_uri,
-     fluent._active_experiment_id) = saved  # fmt: skip
+    try:
+        yield
+    finally:
+        (tracking_utils._tracking_uri, registry_utils._registry_uri,
+         fluent._active_experiment_id) = saved  # fmt: skip
 
 
 def make_shards(

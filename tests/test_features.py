@@ -168,32 +168,49 @@ def photo_folder(tmp_path_factory) -> Path:
     return root
 
 
+def _photo_crops(count: int, seed: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    """`count` random 48 px crops of each photo (other crops than the folder's), with labels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, (_, path) in enumerate(_photos()):
+        photo = Image.open(path).convert("RGB")
+        for _ in range(count):
+            side = int(rng.integers(100, 300))
+            left = int(rng.integers(0, photo.width - side))
+            top = int(rng.integers(0, photo.height - side))
+            crop = photo.crop((left, top, left + side, top + side)).resize((48, 48))
+            images.append(TF.pil_to_tensor(crop))
+            labels.append(label)
+    return images, np.array(labels)
+
+
 @pytest.fixture(scope="module")
 def narrow_net(tmp_path_factory) -> tuple[Path, str]:
-    """(checkpoint, manifest): a narrow net A (crop 32), trained for a few dozen SGD steps on
-    generated shards, saved as training saves it: the feature extractor (the photos are another
-    data set)."""
+    """(checkpoint, manifest): a narrow net A (crop 32) trained for 60 SGD steps to tell the
+    three photos apart from crops of its own, saved as training saves it; and a generated
+    prepared data set (another source to describe)."""
     import dataclasses
 
-    from conftest import make_shards, read_split
+    from conftest import make_shards
 
     from vgg_ray.checkpoint import save_state
     from vgg_ray.config import demo
     from vgg_ray.manifest import load_manifest
     from vgg_ray.transforms import training
 
-    data = make_shards(tmp_path_factory.mktemp("features-data"), classes=3, train_per_class=12,
-                       val_per_class=2, row_group_rows=8, shard_size=256 * 2**20)  # fmt: skip
+    data = make_shards(tmp_path_factory.mktemp("features-data"), classes=3, train_per_class=4,
+                       val_per_class=4, row_group_rows=8, shard_size=256 * 2**20)  # fmt: skip
     manifest = load_manifest(data)
-    images, labels, _, _ = read_split(data, "train")
-    labels = np.array(labels)
+    images, labels = _photo_crops(40, seed=1)
     config = demo("A", run_name="", width=1 / 16)
     preset = training(scale=(36, 48), crop=CROP, stats=manifest.stats)
     model = _net(0, classes=3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.train()
-    for step in range(20):
-        index = np.random.default_rng(step).choice(len(images), 12, replace=False)
+    for step in range(60):
+        index = np.random.default_rng(step).choice(len(images), 24, replace=False)
         x = preset([images[i] for i in index], epoch=step, indices=index.tolist())
         loss = F.cross_entropy(model(x), torch.from_numpy(labels[index]))
         optimizer.zero_grad()
@@ -201,7 +218,7 @@ def narrow_net(tmp_path_factory) -> tuple[Path, str]:
         optimizer.step()
     directory = tmp_path_factory.mktemp("checkpoint")
     save_state(directory, {
-        "arch": "A", "width": 1 / 16, "classes": list(manifest.wnids),
+        "arch": "A", "width": 1 / 16, "classes": ["china", "flower", "hopper"],
         "config": config.to_dict(), "data_stats": dataclasses.asdict(manifest.stats),
         "model": model.eval().state_dict(),
     })  # fmt: skip
@@ -330,3 +347,44 @@ def test_images_on_s3_give_the_same_descriptors_written_to_s3(cluster, photo_fol
     np.testing.assert_allclose(np.stack(on_s3.column("feature").to_numpy(zero_copy_only=False)),
                                np.stack(here.column("feature").to_numpy(zero_copy_only=False)),
                                atol=1e-6)  # fmt: skip
+
+
+def test_photos_features_then_probe_well_above_chance_in_mlflow(
+    cluster, photo_folder, narrow_net, tmp_path, sqlite_uri, monkeypatch
+):
+    """A newcomer's path: class folders of real photos, the CLI's defaults (the paper's scales
+    for this net's crop, stacked), then the probe with MLflow's SQLite default."""
+    from mlflow.tracking import MlflowClient
+
+    from vgg_ray.cli import main
+
+    net, _ = narrow_net
+    out, uri = tmp_path / "photos-features", sqlite_uri
+    assert main(["features", "--model", str(net), "--source", str(photo_folder), "--output",
+                 str(out), "--actors", "1", "--cpus-per-actor", "0.5"]) == 0  # fmt: skip
+    manifest, _ = _read_features(out)
+    assert manifest["scales"] == [37, 55, 73] and manifest["aggregate"] == "stack"
+    assert main(["probe", "--features", str(out), "--tracking-uri", uri,
+                 "--output", str(tmp_path / "probe")]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    client = MlflowClient(uri, registry_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("vgg-ray").experiment_id])
+    chance = 1 / 3
+    assert run.data.metrics["mean_class_recall"] > chance + 0.3, run.data.metrics
+    assert run.data.metrics["accuracy"] > chance + 0.3
+    assert set(metrics) >= {"accuracy", "mean_class_recall", "mean_ap"}
+    assert run.data.params["classifier"] == "svm"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_class.csv", "metrics.json", "features"} <= logged
+    # The fitted classifier, loaded back from the run, classifies the descriptors.
+    import mlflow.sklearn
+
+    from vgg_ray.tracking import use_store
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # the user's consent
+    use_store(uri)
+    classifier = mlflow.sklearn.load_model(f"runs:/{run.info.run_id}/probe")
+    table = pq.read_table(out)
+    vectors = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
+    predicted = classifier.predict(vectors)
+    assert (predicted == np.array(table.column("class").to_pylist())).mean() > chance + 0.3
