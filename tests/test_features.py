@@ -388,3 +388,26 @@ def test_photos_features_then_probe_well_above_chance_in_mlflow(
     vectors = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
     predicted = classifier.predict(vectors)
     assert (predicted == np.array(table.column("class").to_pylist())).mean() > chance + 0.3
+
+
+def test_a_registered_ensemble_is_described_by_its_members_stacked(cluster, photo_folder,
+                                                                   narrow_net, tmp_path,
+                                                                   sqlite_uri):  # fmt: skip
+    """The paper's D & E fusion from the registry: `models:/` of an ensemble gives its members'
+    descriptors stacked (here one net twice: each half is the net's own descriptor / sqrt 2)."""
+    from vgg_ray.registry import EnsembleConfig, register_ensemble
+
+    net, _ = narrow_net
+    registered = register_ensemble(EnsembleConfig(members=(str(net), str(net)), name="vgg-AA",
+                                                  tracking_uri=sqlite_uri))  # fmt: skip
+    both = _extract(registered.uri, photo_folder, tmp_path / "AA", tracking_uri=sqlite_uri,
+                    scales=(32, 48), aggregate="mean")  # fmt: skip
+    alone = _extract(net, photo_folder, tmp_path / "A", scales=(32, 48), aggregate="mean")
+    assert both.dim == 2 * alone.dim and both.images == alone.images == 42
+    manifest, _ = _read_features(tmp_path / "AA")
+    assert [m["name"] for m in manifest["models"]] == ["A", "A"]
+    ours = pq.read_table(tmp_path / "AA").sort_by("key")
+    single = pq.read_table(tmp_path / "A").sort_by("key")
+    stacked = np.stack(ours.column("feature").to_numpy(zero_copy_only=False))
+    one = np.stack(single.column("feature").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(stacked, np.concatenate([one, one], axis=1) / np.sqrt(2), atol=1e-6)

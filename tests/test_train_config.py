@@ -260,14 +260,17 @@ def test_the_small_profile_follows_the_data_sets_size():
 
 
 def test_every_command_config_field_is_an_option_described_by_its_docstring():
-    """Each field of the configs behind evaluate, promote, register(-ensemble), stack and prepare
-    can be set from the command line (only `alias`, which promote alone moves to champion, and
-    the stack's loopback host are left out), and each option's help says what it does."""
+    """Each field of the configs behind evaluate, promote, register(-ensemble), stack, prepare,
+    features and probe can be set from the command line (only `alias`, which promote alone moves
+    to champion, and the stack's loopback host are left out), and each option's help says what
+    it does."""
     import dataclasses
 
     from vgg_ray.cli import _config_of, build_parser
     from vgg_ray.evaluate_job import EvaluateConfig
+    from vgg_ray.features_job import FeaturesConfig
     from vgg_ray.prepare import PrepareConfig
+    from vgg_ray.probe import ProbeConfig
     from vgg_ray.registry import EnsembleConfig, PromoteConfig, RegisterConfig
     from vgg_ray.stack import StackConfig
 
@@ -275,7 +278,8 @@ def test_every_command_config_field_is_an_option_described_by_its_docstring():
     left_out = {"alias", "host", "only_rows"}  # only_rows: reproduce's tables pick their rows
     for command, cls in [("evaluate", EvaluateConfig), ("promote", PromoteConfig),
                          ("register", RegisterConfig), ("register-ensemble", EnsembleConfig),
-                         ("stack", StackConfig), ("prepare", PrepareConfig)]:  # fmt: skip
+                         ("stack", StackConfig), ("prepare", PrepareConfig),
+                         ("features", FeaturesConfig), ("probe", ProbeConfig)]:  # fmt: skip
         actions = {action.dest: action for action in commands[command]._actions}
         for spec in dataclasses.fields(cls):
             if spec.name not in left_out:
