@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vgg_ray.data import StreamConfig
-from vgg_ray.errors import ConfigError
+from vgg_ray.errors import ConfigError, require
 from vgg_ray.models import CONFIGS, INITS
 from vgg_ray.schedules import SCHEDULES
 from vgg_ray.transforms import PAPER_SCALE
@@ -294,9 +294,7 @@ class TrainConfig:
                 "or spaces",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         is_file_init = self.init not in INITS
         if is_file_init and not (
             self.init.startswith(("models:/", "s3://", "runs:/")) or Path(self.init).exists()

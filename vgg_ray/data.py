@@ -47,7 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from vgg_ray.errors import ConfigError
+from vgg_ray.errors import ConfigError, require
 from vgg_ray.manifest import Manifest, shard_sizes
 from vgg_ray.storage import (
     is_transient,
@@ -121,9 +121,7 @@ class StreamConfig:
             # Every VGG net halves its input five times (2x2 max-pools): 32 px leave 1 pixel.
             (self.crop >= 32, f"crop must be >= 32 px (five 2x2 max-pools), got {self.crop}"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         return self
 
     def training_preset(self, stats: ColorStats) -> TrainingPreset:

@@ -6,6 +6,7 @@ exception is a bug and keeps its traceback.
 """
 
 import re
+from collections.abc import Iterable
 
 # A URL's user info: up to the last "@" before its path (a password may hold "@" or ":").
 _USER_INFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s?#]*@")
@@ -13,6 +14,14 @@ _USER_INFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s?#]*@")
 
 class ConfigError(ValueError):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+def require(checks: Iterable[tuple[bool, str]]) -> None:
+    """ConfigError with the message of the first (ok, message) pair that is not ok: a config's
+    `validate()` as a table of conditions."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def redact(text: str) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from vgg_ray import tracking
 from vgg_ray.data import epoch_order, read_records
-from vgg_ray.errors import ConfigError, user_error
+from vgg_ray.errors import ConfigError, require, user_error
 from vgg_ray.evaluate import (
     MODES,
     Evaluator,
@@ -110,9 +110,7 @@ class EvaluateConfig:
             (self.cpus_per_actor > 0 and self.read_cpus > 0, "CPUs per actor/task must be > 0"),
             (self.progress_every >= 1, "progress_every must be >= 1"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         return self
 
 

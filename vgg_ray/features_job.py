@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vgg_ray import storage
-from vgg_ray.errors import ConfigError, user_error
+from vgg_ray.errors import ConfigError, require, user_error
 from vgg_ray.evaluate_job import LoadedNet, actor_device, actor_pool, decode_on, load_net
 from vgg_ray.features import (
     AGGREGATES,
@@ -120,9 +120,7 @@ class FeaturesConfig:
             (self.cpus_per_actor > 0 and self.read_cpus > 0, "CPUs per actor/task must be > 0"),
             (self.progress_every >= 1, "progress_every must be >= 1"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         return self
 
 

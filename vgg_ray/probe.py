@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from vgg_ray import storage
-from vgg_ray.errors import ConfigError, redact
+from vgg_ray.errors import ConfigError, redact, require
 
 # The manifest `vgg-ray features` writes last: its presence marks a finished extraction.
 from vgg_ray.features_job import FORMAT as FEATURES_FORMAT
@@ -103,9 +103,7 @@ class ProbeConfig:
              "the same folder is given as training and test features"),
             ("://" not in self.output, f"output must be a local folder, got {self.output}"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         return self
 
 

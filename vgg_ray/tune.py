@@ -45,7 +45,7 @@ from vgg_ray.config import (
     field_types,
     paper,
 )
-from vgg_ray.errors import ConfigError
+from vgg_ray.errors import ConfigError, require
 from vgg_ray.schedules import SCHEDULES
 from vgg_ray.stack import serve_sqlite
 from vgg_ray.storage import absolute
@@ -175,9 +175,7 @@ class SearchConfig:
             (bool(self.metric), "metric must be named"),
             (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         if self.scheduler == "pbt" and self.num_samples < 2:
             raise ConfigError("PBT needs a population: num_samples must be >= 2")
         self.train.validate()
