@@ -411,3 +411,28 @@ def test_a_registered_ensemble_is_described_by_its_members_stacked(cluster, phot
     stacked = np.stack(ours.column("feature").to_numpy(zero_copy_only=False))
     one = np.stack(single.column("feature").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(stacked, np.concatenate([one, one], axis=1) / np.sqrt(2), atol=1e-6)
+
+
+def test_a_flat_folder_takes_its_classes_from_a_labels_csv(tmp_path, capsys):
+    """Rows `file,class` name a file by its path, its name or its name without suffix; a header
+    row matches no image; images the CSV does not name are described unlabelled."""
+    from vgg_ray.features_job import FeaturesConfig, plan_source
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a.jpg", "b.JPEG", "c.png", "d.jpg"):
+        (flat / name).write_bytes(b"x")
+    (tmp_path / "labels.csv").write_text("file,class\na.jpg,cat\nb,dog\nc.png,cat\n")
+    config = FeaturesConfig(models=("m",), source=str(flat), labels=str(tmp_path / "labels.csv"))
+    source = plan_source(config)
+    assert source.classes == ("cat", "dog")
+    [task] = source.tasks
+    assert dict(zip(task["keys"], task["labels"], strict=True)) == {
+        "a.jpg": 0, "b.JPEG": 1, "c.png": 0, "d.jpg": -1}  # fmt: skip
+    assert source.notes == [f"1 image(s) not in {tmp_path / 'labels.csv'}: described, unlabelled"]
+    unlabelled = plan_source(FeaturesConfig(models=("m",), source=str(flat)))
+    assert unlabelled.classes == () and unlabelled.tasks[0]["labels"] == [-1] * 4
+    with pytest.raises(ConfigError, match="no row names an image"):
+        (tmp_path / "other.csv").write_text("x.jpg,cat\n")
+        plan_source(FeaturesConfig(models=("m",), source=str(flat),
+                                   labels=str(tmp_path / "other.csv")))  # fmt: skip

@@ -552,4 +552,8 @@ def _run(config: FeaturesConfig, nets: list[LoadedNet], source: Source, todo: li
             print(f"vgg-ray features: {done}/{total} images, {len(written)} shard(s) written, "
                   f"{rate:.1f} img/s", flush=True)  # fmt: skip
             next_report = (done // config.progress_every + 1) * config.progress_every
+    if pending:  # a read gave fewer rows than planned: the source changed under the job
+        shards = ", ".join(shard_name(i) for i in sorted(pending))
+        raise ConfigError(f"{source.uri} changed while it was read ({shards} short of images): "
+                          "rerun to describe what is there now, into a new --output")  # fmt: skip
     return written
