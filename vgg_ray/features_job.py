@@ -413,13 +413,13 @@ def _shard_record(fs: pafs.FileSystem, path: str) -> dict | None:
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
 
 
-def default_output(config: FeaturesConfig, print_: str) -> str:
+def default_output(config: FeaturesConfig, digest: str) -> str:
     from vgg_ray.config import default_home
 
     name = posixpath.basename(config.source.rstrip("/").removesuffix("/manifest.json")) or "images"
     if _is_prepared(config):
         name += f"-{config.split}"
-    return str(default_home() / "features" / f"{name}-{print_[:12]}")
+    return str(default_home() / "features" / f"{name}-{digest[:12]}")
 
 
 def _check_plan(fs: pafs.FileSystem, base: str, plan: dict, output: str) -> None:
@@ -448,13 +448,13 @@ def extract(config: FeaturesConfig) -> FeaturesResult:
     config = dataclasses.replace(config, tracking_uri=resolve_uri(config.tracking_uri)).validate()
     nets = load_feature_nets(config)
     source = plan_source(config)
-    print_ = fingerprint(nets, config.scales, config.aggregate)
-    output = config.output or default_output(config, print_)
+    digest = fingerprint(nets, config.scales, config.aggregate)
+    output = config.output or default_output(config, digest)
     fs, base = storage.open_storage(output, s3_endpoint=config.s3_endpoint)
     planned: dict[int, int] = {}
     for task in source.tasks:
         planned[task["shard"]] = planned.get(task["shard"], 0) + task["count"]
-    plan = {"format": FORMAT, "fingerprint": print_, "source": source.uri, "split":
+    plan = {"format": FORMAT, "fingerprint": digest, "source": source.uri, "split":
             config.split if source.kind == "shards" else "", "shards": [planned[i] for i in
             sorted(planned)]}  # fmt: skip
     _check_plan(fs, base, plan, output)
@@ -480,27 +480,35 @@ def extract(config: FeaturesConfig) -> FeaturesResult:
             if cause := user_error(error):
                 raise ConfigError(cause) from None
             raise
-    rows = sum(records[i]["rows"] for i in planned)
-    skipped = sum(len(records[i]["skipped"]) for i in planned)
+    manifest = _manifest(digest, dim, config.aggregate, nets, scales, source, plan["split"],
+                         [records[i] for i in sorted(planned)])  # fmt: skip
+    rows, skipped = manifest["images"], manifest["skipped"]
     if rows == 0:
         raise ConfigError(f"no image of {source.uri} could be decoded")
-    manifest = {
-        "format": FORMAT, "fingerprint": print_, "dim": dim, "aggregate": config.aggregate,
-        "scales": list(scales[0]),  # each net's own below (they differ only by crop)
-        "models": [{"source": n.info.source, "name": n.info.name, "crop": n.info.crop,
-                    "normalize": n.info.normalize, "run_id": n.info.run_id,
-                    "scales": list(s)} for n, s in zip(nets, scales, strict=True)],
-        "source": source.uri, "split": plan["split"], "classes": list(source.classes),
-        "images": rows, "skipped": skipped,
-        "skipped_examples": [s for i in sorted(planned) for s in records[i]["skipped"]][:20],
-        "shards": [{"path": shard_name(i), "rows": records[i]["rows"]} for i in sorted(planned)],
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
     storage.write_bytes_atomic(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     print(f"vgg-ray features: {rows} descriptors ({dim}-d) in {output}"
           + (f"; {skipped} image(s) did not decode" if skipped else ""), flush=True)  # fmt: skip
     reused = [shard_name(i) for i in sorted(finished)]
     return FeaturesResult(output, rows, dim, skipped, computed, reused)
+
+
+def _manifest(digest: str, dim: int, aggregate: str, nets: list[LoadedNet],
+              scales: list[tuple[int, ...]], source: Source, split: str,
+              records: list[dict]) -> dict:  # fmt: skip
+    """_features.json: what a probe (or anyone) needs to know of a finished extraction."""
+    return {
+        "format": FORMAT, "fingerprint": digest, "dim": dim, "aggregate": aggregate,
+        "scales": list(scales[0]),  # each net's own below (they differ only by crop)
+        "models": [{"source": n.info.source, "name": n.info.name, "crop": n.info.crop,
+                    "normalize": n.info.normalize, "run_id": n.info.run_id,
+                    "scales": list(s)} for n, s in zip(nets, scales, strict=True)],
+        "source": source.uri, "split": split, "classes": list(source.classes),
+        "images": sum(r["rows"] for r in records),
+        "skipped": sum(len(r["skipped"]) for r in records),
+        "skipped_examples": [s for r in records for s in r["skipped"]][:20],
+        "shards": [{"path": shard_name(i), "rows": r["rows"]} for i, r in enumerate(records)],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
 
 
 def _run(config: FeaturesConfig, nets: list[LoadedNet], source: Source, todo: list[dict],
