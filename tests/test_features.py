@@ -436,3 +436,14 @@ def test_a_flat_folder_takes_its_classes_from_a_labels_csv(tmp_path, capsys):
         (tmp_path / "other.csv").write_text("x.jpg,cat\n")
         plan_source(FeaturesConfig(models=("m",), source=str(flat),
                                    labels=str(tmp_path / "other.csv")))  # fmt: skip
+
+
+def test_bf16_and_channels_last_as_on_gpu_actors_keep_the_descriptor():
+    """GPU actors describe under bf16 autocast in NHWC: the same descriptor within bf16's
+    precision (checked here on the CPU, where both run too)."""
+    model, info = _net(), NetInfo(name="A", crop=CROP)
+    images = [_image(48, 64, seed=3), _image(40, 40, seed=4)]
+    exact = Describer([model], [info], scales=(32, 48))(images)
+    fast = Describer([model], [info], scales=(32, 48), bf16=True, channels_last=True)(images)
+    cosine = (exact * fast).sum(axis=1)  # both unit norm
+    assert fast.dtype == np.float32 and (cosine > 0.999).all(), cosine
