@@ -273,7 +273,8 @@ def _plan_folder(config: FeaturesConfig) -> Source:
                 "labels": [index.get(classes_of[f], -1) if classes_of[f] else -1 for f in part],
             })  # fmt: skip
     return Source(config.source, "folder", names, tasks,
-                  {"root": config.source, "s3_endpoint": config.s3_endpoint}, notes)  # fmt: skip
+                  {"root": config.source, "base": root, "s3_endpoint": config.s3_endpoint},
+                  notes)  # fmt: skip
 
 
 def _folder_classes(files: list[str], config: FeaturesConfig, notes: list[str]) -> dict:
@@ -306,14 +307,15 @@ def _folder_classes(files: list[str], config: FeaturesConfig, notes: list[str]) 
 
 
 def read_folder_images(
-    batch: dict[str, np.ndarray], *, root: str, s3_endpoint: str | None
+    batch: dict[str, np.ndarray], *, root: str, base: str, s3_endpoint: str | None
 ) -> dict[str, np.ndarray]:
     """Ray Data batch fn: a folder's read tasks -> raw rows ("image" JPEG bytes, "label", "key",
     "shard", "reason"). Odd files are handled as `prepare` handles them: converted to RGB JPEG,
     or left empty with the reason (skipped and counted downstream), never fatal."""
+    from vgg_ray.data import _filesystem
     from vgg_ray.prepare import ImageRejected, encode_image
 
-    fs, base = storage.open_storage(root, s3_endpoint=s3_endpoint)
+    fs = _filesystem(root, s3_endpoint)  # opened (an S3 probe) once per task process
     rows: dict[str, list] = {"image": [], "label": [], "key": [], "shard": [], "reason": []}
     for keys, labels, shard in zip(batch["keys"], batch["labels"], batch["shard"], strict=True):
         for key, label in zip(keys, labels, strict=True):
@@ -413,11 +415,11 @@ def _shard_record(fs: pafs.FileSystem, path: str) -> dict | None:
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
 
 
-def default_output(config: FeaturesConfig, digest: str) -> str:
+def default_output(config: FeaturesConfig, source: Source, digest: str) -> str:
     from vgg_ray.config import default_home
 
     name = posixpath.basename(config.source.rstrip("/").removesuffix("/manifest.json")) or "images"
-    if _is_prepared(config):
+    if source.kind == "shards":
         name += f"-{config.split}"
     return str(default_home() / "features" / f"{name}-{digest[:12]}")
 
@@ -449,7 +451,7 @@ def extract(config: FeaturesConfig) -> FeaturesResult:
     nets = load_feature_nets(config)
     source = plan_source(config)
     digest = fingerprint(nets, config.scales, config.aggregate)
-    output = config.output or default_output(config, digest)
+    output = config.output or default_output(config, source, digest)
     fs, base = storage.open_storage(output, s3_endpoint=config.s3_endpoint)
     planned: dict[int, int] = {}
     for task in source.tasks:

@@ -162,9 +162,14 @@ class FeatureSet:
     unlabelled: int  # rows without a class, dropped
 
 
+def _net_names(meta: dict[str, Any]) -> str:
+    """The extraction's nets, e.g. "D+E"; "" when the manifest names none."""
+    return "+".join(str(m.get("name", "?")) for m in meta.get("models", []))
+
+
 def describe(meta: dict[str, Any]) -> str:
     """What a fingerprint stands for, for people: "D+E, 256,384,512 stack"."""
-    names = "+".join(str(m.get("name", "?")) for m in meta.get("models", [])) or "?"
+    names = _net_names(meta) or "?"
     scales = ",".join(str(s) for s in meta.get("scales", []))
     return f"{names}, {scales} {meta.get('aggregate', '?')}"
 
@@ -504,7 +509,7 @@ def start_run(config: ProbeConfig, sets: list[FeatureSet],
             "vgg_ray.features.fingerprint": str(meta.get("fingerprint", ""))}  # fmt: skip
     if tests:
         tags["vgg_ray.probe.test"] = " + ".join(s.uri for s in tests)
-    nets = "+".join(str(m.get("name", "?")) for m in meta.get("models", [])) or "features"
+    nets = _net_names(meta) or "features"
     return client, client.create_run(experiment, run_name=f"probe-{nets}", tags=tags).info.run_id
 
 
