@@ -39,6 +39,37 @@ def flip(boxes, width: int) -> np.ndarray:
     return np.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], axis=1)
 
 
+def into_window(boxes, window, side: int) -> np.ndarray:
+    """Boxes of a decoded image in the frame of one crop of it: `window` (top, left, height,
+    width, flip; `vgg_ray.transforms.Window`) resized to side x side, then mirrored if flip.
+    Not clipped: a box may reach past the crop."""
+    top, left, height, width, flipped = window
+    scale = np.array([side / width, side / height, side / width, side / height])
+    moved = (as_boxes(boxes) - np.array([left, top, left, top])) * scale
+    return flip(moved, side) if flipped else moved
+
+
+def out_of_window(boxes, window, side: int) -> np.ndarray:
+    """The inverse of `into_window`: boxes in a crop's frame back in its image's pixels."""
+    top, left, height, width, flipped = window
+    b = flip(boxes, side) if flipped else as_boxes(boxes)
+    scale = np.array([width / side, height / side, width / side, height / side])
+    return b * scale + np.array([left, top, left, top])
+
+
+def crop_target(records, label: int, window, side: int) -> np.ndarray:
+    """The regression target (4,) of one crop: of the image's boxes `records` ((k, 5): label,
+    xmin, ymin, xmax, ymax), the box of class `label` that shows most inside the crop, whole
+    (not clipped to it: the net learns the object's extent), as `to_target` gives it; NaN
+    where no box of the class shows (such a crop trains nothing)."""
+    records = np.asarray(records, np.float64).reshape(-1, 5)
+    moved = into_window(records[records[:, 0] == label, 1:], window, side)
+    visible = area(np.clip(moved, 0, side)) if len(moved) else np.zeros(1)
+    if visible.max() <= 0:
+        return np.full(4, np.nan)
+    return to_target(moved[np.argmax(visible)], side)[0]
+
+
 def to_target(boxes, side: int) -> np.ndarray:
     """The regression target of boxes in a side x side crop: (centre x, centre y, width,
     height), each divided by the side (a box over the whole crop is (0.5, 0.5, 1, 1))."""
@@ -74,21 +105,28 @@ def merge(boxes, scores, *, threshold: float = IOU_CORRECT) -> tuple[np.ndarray,
     overlap with IoU above `threshold`, the closest pair (highest IoU) becomes one box, the mean
     of the boxes merged into it so far; its score is their summed score, so a box many positions
     agree on outranks a lone one. Returns (boxes, scores), best score first."""
-    members = [[box] for box in as_boxes(boxes)]
-    weights = list(np.asarray(scores, np.float64).reshape(-1))
-    while len(members) > 1:
-        means = np.array([np.mean(m, axis=0) for m in members])
-        overlap = iou(means, means)
-        np.fill_diagonal(overlap, -1.0)
+    means = as_boxes(boxes).copy()
+    weights = np.asarray(scores, np.float64).reshape(-1).copy()
+    counts = np.ones(len(means))
+    alive = np.ones(len(means), bool)
+    overlap = iou(means, means)
+    np.fill_diagonal(overlap, -1.0)
+    while alive.sum() > 1:
         i, j = np.unravel_index(np.argmax(overlap), overlap.shape)
         if overlap[i, j] <= threshold:
             break
         i, j = min(i, j), max(i, j)
-        members[i] += members.pop(j)
-        weights[i] += weights.pop(j)
-    means = as_boxes([np.mean(m, axis=0) for m in members]) if members else as_boxes([])
-    order = np.argsort(-np.asarray(weights), kind="stable")
-    return means[order], np.asarray(weights, np.float64)[order]
+        # the mean of all boxes merged into i and j, weighted by how many each holds
+        means[i] = (means[i] * counts[i] + means[j] * counts[j]) / (counts[i] + counts[j])
+        counts[i] += counts[j]
+        weights[i] += weights[j]
+        alive[j] = False
+        overlap[j, :] = overlap[:, j] = -1.0
+        row = np.where(alive, iou(means[i : i + 1], means)[0], -1.0)
+        row[i] = -1.0
+        overlap[i, :] = overlap[:, i] = row
+    order = np.flatnonzero(alive)[np.argsort(-weights[alive], kind="stable")]
+    return means[order], weights[order]
 
 
 def localisation_error(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vgg_ray.errors import ConfigError
-from vgg_ray.models import VGG, build_vgg
+from vgg_ray.models import VGG, build_vgg, head_size
 
 log = logging.getLogger("vgg_ray.checkpoint")
 STATE_FILE = "state.pt"
@@ -170,9 +170,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def model_from_state(state: dict[str, Any]) -> VGG:
     """Rebuild the net a checkpoint was trained as, with its weights."""
-    batch_norm = bool(state.get("config", {}).get("batch_norm", False))
-    model = build_vgg(state["arch"], num_classes=len(state["classes"]), width=state["width"],
-                      init="glorot", batch_norm=batch_norm)  # fmt: skip
+    config = state.get("config", {})
+    outputs = head_size(len(state["classes"]), config.get("regression", ""))
+    model = build_vgg(state["arch"], num_classes=outputs, width=state["width"],
+                      init="glorot", batch_norm=bool(config.get("batch_norm", False)))  # fmt: skip
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:  # a hand-edited or mismatched file: say so in one line

@@ -294,9 +294,27 @@ def train_config(args: argparse.Namespace):
     config = config.merged(yaml_values, given)
     if not config.data.manifest:
         config = replace(config, data=replace(config.data, manifest=_demo_manifest()))
+    if config.regression:
+        config = _localisation_recipe(
+            config, {**given, **yaml_values, **yaml_values.get("data", {})}
+        )
     config = config.validate()
     if profile == "paper" and config.init == "glorot" and "init" not in {**given, **yaml_values}:
         config = _paper_net_a(config)
+    return config
+
+
+def _localisation_recipe(config, given: dict[str, Any]):
+    """Appendix A's recipe where a localisation net's options leave it open: lr 1e-3 and a
+    fixed training scale (the paper trained these nets at S = 256 and 384, no jittering: a
+    jittered profile's Smin)."""
+    from vgg_ray.config import LOCALISATION_LR
+
+    if "lr" not in given:
+        config = replace(config, lr=LOCALISATION_LR)
+    low, high = config.data.scale
+    if "scale" not in given and low != high:
+        config = replace(config, data=replace(config.data, scale=(low, low)))
     return config
 
 
@@ -414,7 +432,7 @@ def _size(text: str) -> int:
 def _prepare(args: argparse.Namespace) -> None:
     from vgg_ray.prepare import PrepareConfig, prepare
 
-    print(f"prepared {prepare(_config_of(PrepareConfig, args)).line()}")
+    print(f"prepared {prepare(_config_of(PrepareConfig, args, tuples=['boxes'])).line()}")
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -652,6 +670,9 @@ def _prepare_options(parser: argparse.ArgumentParser) -> None:
     add("--val-labels", metavar="FILE", help="labels for flat val/: LOC_val_solution.csv "
         "or 'filename wnid' lines")  # fmt: skip
     add("--class-names", metavar="FILE", help="LOC_synset_mapping.txt-style class names")
+    add("--boxes", metavar="PATH", action="append", help="bounding boxes (localisation): "
+        "LOC_train_solution.csv, or a folder of PASCAL-VOC XML (Annotations/CLS-LOC); repeat "
+        "for several. A Kaggle --val-labels file gives the val boxes too")  # fmt: skip
     _s3_option(add)
     add("--shard-size", type=_size, help="target shard size (default 256MB)")
     add("--row-group-rows", type=int, help="rows per Parquet row group (default 256)")

@@ -23,7 +23,7 @@ from typing import Any
 
 from vgg_ray.data import StreamConfig
 from vgg_ray.errors import ConfigError, require
-from vgg_ray.models import CONFIGS, INITS
+from vgg_ray.models import CONFIGS, INITS, REGRESSIONS
 from vgg_ray.schedules import SCHEDULES
 from vgg_ray.transforms import PAPER_SCALE
 
@@ -144,6 +144,14 @@ class TrainConfig:
     base_init: str = "paper"
     """Random init ("paper", "glorot", "kaiming") of the layers that `init`'s trained weights
     do not set: a deep net initialised from net A keeps the paper's N(0, 0.01) elsewhere."""
+    regression: str = ""
+    """Localisation (Appendix A): the last FC predicts boxes instead of class scores, "scr" one
+    box for all classes (4 outputs) or "pcr" one per class (4 x classes), trained with the
+    Euclidean loss on the images with boxes; init from a trained classifier of the same net
+    (its last layer stays random). "": classification."""
+    finetune: str = "all"
+    """What trains when starting from trained weights: "all" layers, or "fc" only the fully
+    connected ones (the convs frozen; Appendix A's Table 8 compares the two)."""
     data: StreamConfig = field(default_factory=StreamConfig)
     """Where the shards are and the paper's augmentation (scale jittering, crop, flip, colour)."""
 
@@ -231,6 +239,20 @@ class TrainConfig:
                 f"unknown arch {self.arch!r}; choose one of {', '.join(CONFIGS)}",
             ),
             (self.width > 0, f"width must be > 0, got {self.width}"),
+            (
+                self.regression in ("", *REGRESSIONS),
+                f"unknown regression {self.regression!r}; "
+                f"choose one of {', '.join(REGRESSIONS)} (or none: classification)",
+            ),
+            (
+                self.finetune in FINETUNE,
+                f"unknown finetune {self.finetune!r}; choose one of {', '.join(FINETUNE)}",
+            ),
+            (
+                self.finetune == "all" or self.init not in INITS,
+                "--finetune fc trains only the "
+                "FC layers of trained weights: give --init a trained net's checkpoint",
+            ),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (
                 self.base_init in INITS,
@@ -429,6 +451,10 @@ def small(arch: str | None = None, *, facts: DataFacts, **overrides: Any) -> Tra
     )  # fmt: skip
     values.update(overrides)
     return TrainConfig(**values)
+
+
+FINETUNE = ("all", "fc")
+LOCALISATION_LR = 1e-3  # Appendix A: the localisation nets' learning rate
 
 
 PROFILES = {"paper": paper, "demo": demo, "small": small}

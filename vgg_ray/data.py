@@ -47,6 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from vgg_ray.boxes import crop_target
 from vgg_ray.errors import ConfigError, require
 from vgg_ray.manifest import Manifest, shard_sizes
 from vgg_ray.storage import (
@@ -153,11 +154,13 @@ class Piece:
     first_index: int  # the split's row index of row `start`
 
 
-def epoch_order(manifest: Manifest, split: str, *, seed: int, epoch: int, training: bool):
-    """All pieces of the split in this epoch's order: row groups permuted by (seed, epoch) in
-    training, manifest order in evaluation."""
+def epoch_order(
+    manifest: Manifest, split: str, *, seed: int, epoch: int, training: bool, boxed: bool = False
+):
+    """All pieces of the split (`boxed`: of its shards with boxes) in this epoch's order: row
+    groups permuted by (seed, epoch) in training, manifest order in evaluation."""
     pieces = []
-    for shard in manifest.shards(split):
+    for shard in manifest.shards(split, boxed=boxed):
         offset = 0
         for group, rows in enumerate(shard.row_groups):
             pieces.append(Piece(shard.path, group, 0, rows, shard.first_index + offset))
@@ -209,8 +212,10 @@ class EpochOrder:
     worker count, and each worker reads only about 1/N of the step's row groups."""
 
     def __init__(self, manifest: Manifest, split: str, *, seed: int, epoch: int,
-                 window_rows: int, global_batch: int, max_workers: int = 1):  # fmt: skip
-        self.pieces = epoch_order(manifest, split, seed=seed, epoch=epoch, training=True)
+                 window_rows: int, global_batch: int, max_workers: int = 1,
+                 boxed: bool = False):  # fmt: skip
+        self.pieces = epoch_order(manifest, split, seed=seed, epoch=epoch, training=True,
+                                  boxed=boxed)  # fmt: skip
         sizes = np.array([p.stop - p.start for p in self.pieces], dtype=np.int64)
         starts = np.cumsum(sizes) - sizes
         self.rows = int(sizes.sum())
@@ -261,6 +266,7 @@ class _ReadSpec:
     sizes: Mapping[str, int] | None = None  # shard path -> bytes, from the manifest
     classes: int = 0  # labels outside [0, classes) are skipped and counted
     trace: str = ""  # test-only: a folder where read tasks log what they read
+    boxes: bool = False  # localisation: read the boxes too, each crop gets its box target
 
 
 @functools.lru_cache(maxsize=4)
@@ -277,9 +283,14 @@ def _parquet(uri: str, s3_endpoint: str | None, path: str) -> pq.ParquetFile:
     return pq.ParquetFile(file, page_checksum_verification=True)
 
 
-def _read_piece(uri: str, s3_endpoint: str | None, path: str, size: int, group: int):
-    """One row group of one shard, retried through storage outages; a shard that is broken is
-    a ConfigError naming it."""
+RECORD_COLUMNS = ["image", "label", "key"]
+
+
+def _read_piece(uri: str, s3_endpoint: str | None, path: str, size: int, group: int,
+                boxes: bool = False):  # fmt: skip
+    """One row group of one shard (with its boxes column if asked), retried through storage
+    outages; a shard that is broken is a ConfigError naming it."""
+    columns = RECORD_COLUMNS + ["boxes"] * boxes
 
     def read():
         try:
@@ -293,7 +304,7 @@ def _read_piece(uri: str, s3_endpoint: str | None, path: str, size: int, group: 
                     "replaced; run `vgg-ray prepare` again"
                 )
             parquet = _parquet(uri, s3_endpoint, path)
-            return parquet.read_row_group(group, columns=["image", "label", "key"])
+            return parquet.read_row_group(group, columns=columns)
         except ConfigError:
             raise
         except (OSError, ValueError, pa.ArrowException) as error:
@@ -315,18 +326,20 @@ def read_records(
     base: str,
     sizes: Mapping[str, int] | None = None,
     classes: int = 0,
+    boxes: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data batch fn: pieces -> raw rows: "image" (JPEG bytes, object), "label", "index"
-    (the split's row index) and "key". Whoever decodes them (e.g. an evaluation actor on its
-    GPU) works on these. `sizes` (shard path -> bytes) checks each shard's size on first open;
-    with `classes`, a label outside [0, classes) becomes -1: skipped and counted downstream
-    like a record that does not decode."""
+    (the split's row index) and "key" (and "boxes" if asked: per row a (k, 5) array of label,
+    xmin, ymin, xmax, ymax). Whoever decodes them (e.g. an evaluation actor on its GPU) works
+    on these. `sizes` (shard path -> bytes) checks each shard's size on first open; with
+    `classes`, a label outside [0, classes) becomes -1: skipped and counted downstream like a
+    record that does not decode."""
     tables = []
     for path, group, start, stop in zip(
         batch["path"], batch["row_group"], batch["start"], batch["stop"], strict=True
     ):
         size = (sizes or {}).get(path, 0)
-        table = _read_piece(manifest_uri, s3_endpoint, f"{base}/{path}", size, int(group))
+        table = _read_piece(manifest_uri, s3_endpoint, f"{base}/{path}", size, int(group), boxes)
         tables.append(table.slice(int(start), int(stop) - int(start)))
     index = np.concatenate(
         [np.arange(f, f + t.num_rows) for f, t in zip(batch["first_index"], tables, strict=True)]
@@ -342,7 +355,32 @@ def _raw_rows(table: pa.Table, index: np.ndarray, classes: int) -> dict[str, np.
         label[(label < 0) | (label >= classes)] = -1
     image = np.array(table.column("image").to_pylist(), dtype=object)
     key = np.array(table.column("key").to_pylist(), dtype=object)
-    return {"image": image, "label": label, "index": index, "key": key}
+    rows = {"image": image, "label": label, "index": index, "key": key}
+    if "boxes" in table.column_names:
+        rows["boxes"] = np.empty(len(label), dtype=object)
+        rows["boxes"][:] = [
+            np.array([[b["label"], b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in boxes],
+                     np.float32).reshape(-1, 5)
+            for boxes in table.column("boxes").to_pylist()
+        ]  # fmt: skip
+    return rows
+
+
+def box_targets(
+    preset: TrainingPreset | EvalPreset,
+    images: list[torch.Tensor],
+    rows: dict[str, np.ndarray],
+    good: list[int],
+    epoch: int,
+) -> np.ndarray:
+    """float32 (len(good), 4): each decoded image's box target in its crop (NaN: none shows),
+    the crop being the one `preset` makes of it (the same draws as its pixels)."""
+    sizes = [tuple(image.shape[-2:]) for image in images]
+    windows = preset.windows(sizes, epoch=epoch, indices=rows["index"][good].tolist())
+    return np.array(
+        [crop_target(rows["boxes"][i], int(rows["label"][i]), window, preset.crop)
+         for i, window in zip(good, windows, strict=True)], np.float32,
+    ).reshape(-1, 4)  # fmt: skip
 
 
 def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, np.ndarray]:
@@ -350,7 +388,7 @@ def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, n
     -1 where a record did not decode; decode "gpu": the JPEG bytes."""
     rows = read_records(
         batch, manifest_uri=spec.manifest_uri, s3_endpoint=spec.s3_endpoint, base=spec.base,
-        sizes=spec.sizes, classes=spec.classes,
+        sizes=spec.sizes, classes=spec.classes, boxes=spec.boxes,
     )  # fmt: skip
     return rows if spec.decode == "gpu" else _decoded(rows, spec)
 
@@ -368,8 +406,13 @@ def _decoded(rows: dict[str, np.ndarray], spec: _ReadSpec) -> dict[str, np.ndarr
     gain, bias = np.zeros((len(data), 3), np.float32), np.zeros((len(data), 3), np.float32)
     pixels[good], gain[good], bias[good] = prepared.pixels.numpy(), prepared.gain, prepared.bias
     label[[i for i, image in enumerate(images) if image is None]] = -1  # with bad labels
-    return {"pixels": pixels, "gain": gain, "bias": bias, "label": label, "index": index,
-            "key": key}  # fmt: skip
+    out = {"pixels": pixels, "gain": gain, "bias": bias, "label": label, "index": index,
+           "key": key}  # fmt: skip
+    if spec.boxes:
+        out["target"] = np.full((len(data), 4), np.nan, np.float32)
+        out["target"][good] = box_targets(spec.preset, [images[i] for i in good], rows, good,
+                                          spec.epoch)  # fmt: skip
+    return out
 
 
 TRACE = "VGG_RAY_TRACE"
@@ -398,7 +441,8 @@ def read_steps(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> Iterator[dic
                 path, group = task["pieces"][local]
                 size = (spec.sizes or {}).get(path, 0)
                 tables[local] = _read_piece(spec.manifest_uri, spec.s3_endpoint,
-                                            f"{spec.base}/{path}", size, int(group))  # fmt: skip
+                                            f"{spec.base}/{path}", size, int(group),
+                                            spec.boxes)  # fmt: skip
                 trace(spec.trace, "read", [f"{path} {group}"])
         parts = [tables[p] for p in needed]
         starts = np.cumsum([0] + [t.num_rows for t in parts[:-1]])
@@ -487,6 +531,7 @@ class SplitStream:
         global_batch: int = 0,
         max_workers: int = 0,
         start_step: int = 0,
+        boxes: bool = False,
     ):
         config.validate()
         if batch_size < 1:
@@ -496,12 +541,13 @@ class SplitStream:
             raise ConfigError(f"decode 'gpu' needs a CUDA device, got {self.device}")
         self.manifest, self.split, self.config = manifest, split, config
         self.epoch, self.rank, self.training = epoch, rank, training
-        self.batch_size, self.dtype = batch_size, dtype
+        self.batch_size, self.dtype, self.boxes = batch_size, dtype, boxes
         if training:
             self.order = EpochOrder(manifest, split, seed=config.seed, epoch=epoch,
                                     window_rows=config.shuffle_buffer,
                                     global_batch=global_batch or batch_size * world_size,
-                                    max_workers=max(max_workers, world_size))  # fmt: skip
+                                    max_workers=max(max_workers, world_size),
+                                    boxed=boxes)  # fmt: skip
             self.start_step = start_step
             self.shares = [self.order.share(k, rank=rank, world_size=world_size)
                            for k in range(start_step, self.order.steps)]  # fmt: skip
@@ -509,7 +555,8 @@ class SplitStream:
             self.micro_batches = [max(1, math.ceil(len(p) / batch_size)) for p, _ in self.shares]
             self.rows = sum(len(p) for p, _ in self.shares)
         else:
-            order = epoch_order(manifest, split, seed=config.seed, epoch=epoch, training=False)
+            order = epoch_order(manifest, split, seed=config.seed, epoch=epoch, training=False,
+                                boxed=boxes)  # fmt: skip
             self.pieces, self.rows = worker_pieces(order, rank=rank, world_size=world_size)
         stats = manifest.stats
         self.preset = config.training_preset(stats) if training else config.eval_preset(stats)
@@ -528,7 +575,8 @@ class SplitStream:
     def _spec(self) -> _ReadSpec:
         return _ReadSpec(self.manifest.uri, self.manifest.s3_endpoint, self.manifest.base,
                          self.config.decode, self.preset, self.epoch, shard_sizes(self.manifest),
-                         len(self.manifest.classes), os.environ.get(TRACE, ""))  # fmt: skip
+                         len(self.manifest.classes), os.environ.get(TRACE, ""),
+                         self.boxes)  # fmt: skip
 
     def _dataset(self):
         import ray.data
@@ -594,14 +642,20 @@ class SplitStream:
             raise RuntimeError(f"rank {self.rank} yielded {count} batches, expected {len(self)}")
 
     def _finish(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """A Ray batch -> the net's input on the device, minus records that failed to decode."""
+        """A Ray batch -> the net's input on the device, minus records that failed to decode,
+        with the labels (N,), or with `boxes` the targets (N, 5): label, then the crop's box
+        target (centre x, centre y, width, height over the crop side; NaN where none shows)."""
         labels, keys = batch["label"], list(batch["key"])
         if self.config.decode == "gpu":
             images = decode_gpu(list(batch["image"]), self.device)
             good = [i for i, image in enumerate(images) if image is not None and labels[i] >= 0]
+            decoded = [images[i] for i in good]
             prepared = self.preset.prepare(
-                [images[i] for i in good], epoch=self.epoch, indices=batch["index"][good].tolist()
+                decoded, epoch=self.epoch, indices=batch["index"][good].tolist()
             )
+            if self.boxes:
+                batch["target"] = np.full((len(labels), 4), np.nan, np.float32)
+                batch["target"][good] = box_targets(self.preset, decoded, batch, good, self.epoch)
         else:
             good = np.flatnonzero(labels >= 0).tolist()
             pixels = torch.from_numpy(batch["pixels"][good])
@@ -621,5 +675,9 @@ class SplitStream:
             )
             rows = good + [good[i] for i in stand_ins]
         images = to_float(prepared, self.dtype)
-        label_tensor = torch.from_numpy(labels[rows]).to(self.device, non_blocking=True)
+        targets = labels[rows]
+        if self.boxes:
+            targets = np.concatenate([targets[:, None].astype(np.float32), batch["target"][rows]],
+                                     axis=1)  # fmt: skip
+        label_tensor = torch.from_numpy(targets).to(self.device, non_blocking=True)
         return images, label_tensor, [str(keys[i]) for i in rows]

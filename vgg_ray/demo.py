@@ -8,8 +8,10 @@ that break naive pipelines (CMYK, grayscale, a PNG named .JPEG, truncated and em
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import io
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from vgg_ray.manifest import read_manifest
 from vgg_ray.prepare import PrepareConfig, prepare
 
 NAMES_FILE = "LOC_synset_mapping.txt"
-DEMO_VERSION = "v1"  # bump when the generator or the demo's prepare settings change
+DEMO_VERSION = "v2"  # bump when the generator or the demo's prepare settings change
 
 
 def _disc(draw, box, fg, rng):
@@ -88,19 +90,36 @@ def wnid(index: int) -> str:
     return f"n{index:08d}"
 
 
-def draw_example(label: int, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """One image of class `label` (size is width, height)."""
+def draw_example(
+    label: int,
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    *,
+    extent: tuple[float, float] = (0.4, 0.8),
+    photo: Image.Image | None = None,
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """One image of class `label` (size is width, height) and the object's box, ILSVRC-style
+    (xmin, ymin, xmax, ymax: inclusive pixels). The pattern's side is a random share
+    `extent` of the image's smaller side; on a random crop of `photo` if given, else on a
+    plain dark background."""
     name, pattern, colour = PATTERNS[label % len(PATTERNS)]
     width, height = size
-    background = tuple(int(c) for c in rng.integers(0, 90, 3))
-    image = Image.new("RGB", size, background)
-    extent = rng.uniform(0.4, 0.8) * min(width, height)
-    x0 = rng.uniform(0, width - extent)
-    y0 = rng.uniform(0, height - extent)
+    if photo is None:
+        image = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 90, 3)))
+    else:
+        left = int(rng.integers(0, max(1, photo.width - width)))
+        top = int(rng.integers(0, max(1, photo.height - height)))
+        image = photo.crop((left, top, left + width, top + height))
+    side = rng.uniform(*extent) * min(width, height)
+    x0 = rng.uniform(0, width - side)
+    y0 = rng.uniform(0, height - side)
     fg = tuple(int(np.clip(c + rng.normal(0, 25), 0, 255)) for c in colour)
-    pattern(ImageDraw.Draw(image), (x0, y0, x0 + extent, y0 + extent), fg, rng)
+    pattern(ImageDraw.Draw(image), (x0, y0, x0 + side, y0 + side), fg, rng)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    # The pixels the pattern may touch: columns floor(x0) .. ceil(x0 + side) - 1, inclusive.
+    box = (int(x0), int(y0), min(width, math.ceil(x0 + side)) - 1,
+           min(height, math.ceil(y0 + side)) - 1)  # fmt: skip
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), box
 
 
 def _jpeg(image: Image.Image, **options) -> bytes:
@@ -118,11 +137,15 @@ def make_demo_tree(
     size: tuple[int, int] = (64, 96),
     seed: int = 0,
     oddities: bool = False,
+    extent: tuple[float, float] = (0.4, 0.8),
+    photos: list[Image.Image] | None = None,
 ) -> Path:
-    """Write root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG and root/LOC_synset_mapping.txt.
+    """Write root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG, root/LOC_synset_mapping.txt,
+    and each object's box in Kaggle's layout, root/LOC_{train,val}_solution.csv.
 
-    Image sides are drawn uniformly from `size` (min, max) pixels, so aspect ratios vary.
-    Returns the root folder.
+    Image sides are drawn uniformly from `size` (min, max) pixels, so aspect ratios vary; the
+    pattern's side is a share `extent` of the smaller side, drawn on a crop of one of `photos`
+    (larger than `size`) where given, else on a plain background. Returns the root folder.
     """
     if not 1 <= classes <= len(PATTERNS):
         raise ConfigError(f"classes must be 1..{len(PATTERNS)}, got {classes}")
@@ -134,6 +157,7 @@ def make_demo_tree(
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
+        solution = [("ImageId", "PredictionString")]
         for label in range(classes):
             folder = root / split / wnid(label)
             try:
@@ -142,8 +166,13 @@ def make_demo_tree(
                 raise ConfigError(f"cannot write the demo tree to {root}: {error}") from None
             for i in range(count):
                 side = tuple(int(s) for s in rng.integers(size[0], size[1] + 1, 2))
-                image = draw_example(label, rng, side)
-                (folder / f"{wnid(label)}_{split}_{i:05d}.JPEG").write_bytes(_jpeg(image))
+                photo = photos[int(rng.integers(len(photos)))] if photos else None
+                image, box = draw_example(label, rng, side, extent=extent, photo=photo)
+                stem = f"{wnid(label)}_{split}_{i:05d}"
+                (folder / f"{stem}.JPEG").write_bytes(_jpeg(image))
+                solution.append((stem, " ".join(map(str, (wnid(label), *box)))))
+        with open(root / f"LOC_{split}_solution.csv", "w", newline="") as file:
+            csv.writer(file).writerows(solution)
     names = "".join(f"{wnid(i)} {PATTERNS[i][0]}\n" for i in range(classes))
     (root / NAMES_FILE).write_text(names)
     if oddities:
@@ -155,18 +184,18 @@ def _add_oddities(root: Path, classes: int, rng: np.random.Generator, size) -> N
     """The kinds of file ILSVRC2012 really holds, spread over the training classes."""
     side = (size[0], size[0])
     folder = lambda label: root / "train" / wnid(label % classes)  # noqa: E731
-    sample = draw_example(0, rng, side)
+    sample, _ = draw_example(0, rng, side)
     (folder(0) / "odd_grayscale.JPEG").write_bytes(_jpeg(sample.convert("L")))
     (folder(0) / "odd_cmyk.JPEG").write_bytes(_jpeg(sample.convert("CMYK")))
     png = io.BytesIO()
-    draw_example(1, rng, side).save(png, format="PNG")
+    draw_example(1, rng, side)[0].save(png, format="PNG")
     (folder(1) / "odd_png_named.JPEG").write_bytes(png.getvalue())
-    good = _jpeg(draw_example(2, rng, side))
+    good = _jpeg(draw_example(2, rng, side)[0])
     (folder(2) / "odd_truncated.JPEG").write_bytes(good[: len(good) // 2])
     (folder(3) / "odd_empty.JPEG").write_bytes(b"")
-    wide = draw_example(3, rng, (size[1] * 2, size[0] // 2))
+    wide, _ = draw_example(3, rng, (size[1] * 2, size[0] // 2))
     (folder(3) / "odd_wide.jpg").write_bytes(_jpeg(wide))
-    tall = draw_example(1, rng, (size[0] // 2, size[1] * 2))
+    tall, _ = draw_example(1, rng, (size[0] // 2, size[1] * 2))
     (folder(1) / "odd_tall.jpeg").write_bytes(_jpeg(tall))
 
 
@@ -195,6 +224,7 @@ def ensure_demo_shards(cache_dir: str | os.PathLike | None = None) -> str:
             src=str(tree),
             dest=str(home / "shards"),
             class_names=str(tree / NAMES_FILE),
+            boxes=(str(tree / "LOC_train_solution.csv"), str(tree / "LOC_val_solution.csv")),
             shard_size=256 * 1024,
             row_group_rows=32,
             workers=1,

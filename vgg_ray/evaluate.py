@@ -282,15 +282,16 @@ class NetScorer:
         x = pixels.float().mul_(self.gain).add_(self.bias)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _forward(self, net: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        """Logits (or score maps averaged over space) of uint8 inputs, in float32."""
+    def _forward(self, net: nn.Module, pixels: torch.Tensor, *, maps: bool = False) -> torch.Tensor:
+        """Logits (or score maps averaged over space; `maps`: as they are) of uint8 inputs, in
+        float32."""
         outputs = []
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                     else nullcontext())  # fmt: skip
         with torch.inference_mode(), autocast:
             for start in range(0, len(pixels), self.max_crops):
                 out = net(self._input(pixels[start : start + self.max_crops]))
-                if out.ndim == 4:  # a dense score map: the paper's sum-pooling (as a mean)
+                if out.ndim == 4 and not maps:  # the paper's sum-pooling of a map (as a mean)
                     out = out.float().mean(dim=(-2, -1))
                 outputs.append(out.float())
         self.forwarded += len(pixels)
@@ -314,6 +315,15 @@ class NetScorer:
 
     def dense(self, rescaled: Sequence[torch.Tensor]) -> torch.Tensor:
         return self._dense_flip_mean(self._dense_net(), rescaled, torch.softmax)
+
+    def outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The net's raw outputs (N, outputs) of uint8 (N, 3, crop, crop) inputs, float32."""
+        return self._forward(self.model, pixels)
+
+    def dense_map(self, rescaled: torch.Tensor) -> torch.Tensor:
+        """The dense net's raw output map (outputs, h, w) of one rescaled uint8 image, float32:
+        position (i, j) is the crop x crop window at (STRIDE * i, STRIDE * j)."""
+        return self._forward(self._dense_net(), rescaled[None], maps=True)[0]
 
     def fc2_descriptor(self, rescaled: Sequence[torch.Tensor]) -> torch.Tensor:
         """(N, 4096·width) FC2 activations of the dense net averaged over space, then over the

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -321,8 +322,19 @@ class EvalActor:
         return {"key": batch["key"], "label": label.astype(np.int64), "top_k": top_k}
 
 
-def _pieces(manifest: Manifest, split: str, max_images: int) -> list[dict[str, Any]]:
-    order = epoch_order(manifest, split, seed=0, epoch=0, training=False)
+def read_kwargs(manifest: Manifest, *, boxes: bool = False) -> dict[str, Any]:
+    """`read_records`' arguments for the manifest's shards (with `boxes`: their boxes too)."""
+    return {"manifest_uri": manifest.uri, "s3_endpoint": manifest.s3_endpoint,
+            "base": manifest.base, "sizes": shard_sizes(manifest),
+            "classes": len(manifest.classes), "boxes": boxes}  # fmt: skip
+
+
+def _pieces(
+    manifest: Manifest, split: str, max_images: int, *, boxed: bool = False
+) -> list[dict[str, Any]]:
+    """The split's first `max_images` (0: all) in manifest order, as read tasks (`boxed`: of
+    its shards with boxes)."""
+    order = epoch_order(manifest, split, seed=0, epoch=0, training=False, boxed=boxed)
     pieces, left = [], max_images or sum(p.stop - p.start for p in order)
     for piece in order:
         if left <= 0:
@@ -347,13 +359,59 @@ def actor_pool(actors: int, gpus_per_actor: float | None) -> tuple[int, float]:
     return max(1, int(ray.cluster_resources()["CPU"]) // 2), gpus
 
 
+def batch_inference(
+    items: list[dict[str, Any]],
+    read: Callable,
+    read_kwargs: dict[str, Any],
+    actor: type,
+    actor_kwargs: dict[str, Any],
+    *,
+    actors: int,
+    gpus: float,
+    cpus_per_actor: float,
+    read_cpus: float,
+    batch_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The batch-inference pipeline of every job that runs trained nets over images (evaluate,
+    localise, features): `items`, one read task each, -> `read` (CPU tasks) -> a pool of
+    `actors` `actor`s (`gpus` each) -> numpy batches, in no fixed order."""
+    import ray
+    import ray.data
+
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read, batch_size=1, num_cpus=read_cpus, fn_kwargs=read_kwargs,
+    ).map_batches(
+        actor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus, num_cpus=cpus_per_actor, fn_constructor_kwargs=actor_kwargs,
+    )  # fmt: skip
+    dataset.context.enable_progress_bars = False
+    yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+class Progress:
+    """One line "<job>: done/total images[, extra], rate img/s" every `every` images and at the
+    end, on stdout (what `ray job logs` shows)."""
+
+    def __init__(self, job: str, total: int, every: int):
+        self.job, self.total, self.every = job, total, every
+        self.done, self.started, self.next = 0, time.perf_counter(), every
+
+    def add(self, count: int, extra: str = "") -> None:
+        self.done += count
+        if self.done >= self.next or self.done == self.total:
+            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            extra = f", {extra}" if extra else ""
+            print(f"vgg-ray {self.job}: {self.done}/{self.total} images{extra}, {rate:.1f} img/s",
+                  flush=True)  # fmt: skip
+            self.next = (self.done // self.every + 1) * self.every
+
+
 def run_inference(
     config: EvaluateConfig, nets: list[LoadedNet], rows: list[Protocol], manifest: Manifest
 ) -> tuple[Tally, int, dict[str, np.ndarray]]:
     """The Ray Data pipeline; returns the tally, the undecodable count and per-image top-k
     (key -> (rows, k)), the last for tests and debugging."""
     import ray
-    import ray.data
 
     from vgg_ray import runtime
 
@@ -363,41 +421,25 @@ def run_inference(
     total = sum(p["stop"] - p["start"] for p in pieces)
     print(f"vgg-ray evaluate: {total} images of split {config.split!r}, {len(rows)} protocol(s), "
           f"{actors} actor(s) with {gpus} GPU each", flush=True)  # fmt: skip
-    dataset = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
-        read_records,
-        batch_size=1,
-        num_cpus=config.read_cpus,
-        fn_kwargs={"manifest_uri": manifest.uri, "s3_endpoint": manifest.s3_endpoint,
-                   "base": manifest.base, "sizes": shard_sizes(manifest),
-                   "classes": len(manifest.classes)},
-    ).map_batches(
-        EvalActor,
-        batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus,
-        num_cpus=config.cpus_per_actor,
-        fn_constructor_kwargs={
-            "nets_ref": [ray.put(nets)], "rows": rows, "max_crops": config.max_crops,
-            "bf16": config.bf16, "threads": max(1, int(config.cpus_per_actor)),
-        },
+    batches = batch_inference(
+        pieces, read_records, read_kwargs(manifest), EvalActor,
+        {"nets_ref": [ray.put(nets)], "rows": rows, "max_crops": config.max_crops,
+         "bf16": config.bf16, "threads": max(1, int(config.cpus_per_actor))},
+        actors=actors, gpus=gpus, cpus_per_actor=config.cpus_per_actor,
+        read_cpus=config.read_cpus, batch_size=config.batch_size,
     )  # fmt: skip
-    dataset.context.enable_progress_bars = False
     tally = Tally(len(rows), len(manifest.classes))
     per_image: dict[str, np.ndarray] = {}
-    skipped = done = 0
-    started, next_report = time.perf_counter(), config.progress_every
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+    skipped = 0
+    progress = Progress("evaluate", total, config.progress_every)
+    for batch in batches:
         good = batch["label"] >= 0
         skipped += int((~good).sum())
         tally.add(batch["label"][good], batch["top_k"][good])
         for key, top_k, ok in zip(batch["key"], batch["top_k"], good, strict=True):
             if ok:
                 per_image[str(key)] = top_k
-        done += len(batch["label"])
-        if done >= next_report or done == total:
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            print(f"vgg-ray evaluate: {done}/{total} images, {rate:.1f} img/s", flush=True)
-            next_report = (done // config.progress_every + 1) * config.progress_every
+        progress.add(len(batch["label"]))
     return tally, skipped, per_image
 
 

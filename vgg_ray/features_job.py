@@ -27,7 +27,6 @@ import io
 import json
 import posixpath
 import tempfile
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +40,15 @@ import torch
 
 from vgg_ray import storage
 from vgg_ray.errors import ConfigError, require, user_error
-from vgg_ray.evaluate_job import LoadedNet, actor_device, actor_pool, decode_on, load_net
+from vgg_ray.evaluate_job import (
+    LoadedNet,
+    Progress,
+    actor_device,
+    actor_pool,
+    batch_inference,
+    decode_on,
+    load_net,
+)
 from vgg_ray.features import (
     AGGREGATES,
     Describer,
@@ -519,32 +526,24 @@ def _run(config: FeaturesConfig, nets: list[LoadedNet], source: Source, todo: li
     """The Ray Data pipeline over the unfinished shards; writes each as it completes and fills
     `records` in. Returns the shards written."""
     import ray
-    import ray.data
 
     from vgg_ray import runtime
 
     runtime.connect()
     actors, gpus = actor_pool(config.actors, config.gpus_per_actor)
     reader = read_shard_images if source.kind == "shards" else read_folder_images
-    dataset = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-        reader, batch_size=1, num_cpus=config.read_cpus, fn_kwargs=source.read_kwargs,
-    ).map_batches(
-        FeatureActor,
-        batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus,
-        num_cpus=config.cpus_per_actor,
-        fn_constructor_kwargs={
-            "nets_ref": [ray.put(nets)], "scales": config.scales, "aggregate": config.aggregate,
-            "max_crops": config.max_crops, "bf16": config.bf16,
-            "threads": max(1, int(config.cpus_per_actor)),
-        },
+    batches = batch_inference(
+        todo, reader, source.read_kwargs, FeatureActor,
+        {"nets_ref": [ray.put(nets)], "scales": config.scales, "aggregate": config.aggregate,
+         "max_crops": config.max_crops, "bf16": config.bf16,
+         "threads": max(1, int(config.cpus_per_actor))},
+        actors=actors, gpus=gpus, cpus_per_actor=config.cpus_per_actor,
+        read_cpus=config.read_cpus, batch_size=config.batch_size,
     )  # fmt: skip
-    dataset.context.enable_progress_bars = False
     pending: dict[int, list[dict]] = {task["shard"]: [] for task in todo}
-    written, done, total = [], 0, sum(t["count"] for t in todo)
-    started, next_report = time.perf_counter(), config.progress_every
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+    written = []
+    progress = Progress("features", sum(t["count"] for t in todo), config.progress_every)
+    for batch in batches:
         for i, shard in enumerate(batch["shard"]):
             shard = int(shard)
             pending[shard].append({"key": batch["key"][i], "label": batch["label"][i],
@@ -556,12 +555,7 @@ def _run(config: FeaturesConfig, nets: list[LoadedNet], source: Source, todo: li
                 storage.write_bytes_atomic(fs, path, data)
                 records[shard] = _shard_record(fs, path)
                 written.append(shard_name(shard))
-        done += len(batch["shard"])
-        if done >= next_report or done == total:
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            print(f"vgg-ray features: {done}/{total} images, {len(written)} shard(s) written, "
-                  f"{rate:.1f} img/s", flush=True)  # fmt: skip
-            next_report = (done // config.progress_every + 1) * config.progress_every
+        progress.add(len(batch["shard"]), f"{len(written)} shard(s) written")
     if pending:  # a read gave fewer rows than planned: the source changed under the job
         shards = ", ".join(shard_name(i) for i in sorted(pending))
         raise ConfigError(f"{source.uri} changed while it was read ({shards} short of images): "

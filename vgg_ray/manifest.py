@@ -44,6 +44,7 @@ class Shard:
     first_index: int  # the split's row index of its first row (shards in manifest order)
     bytes: int = 0  # file size; 0: unknown (not checked)
     sha256: str = ""  # of the whole file; "": unknown
+    boxed_rows: int = 0  # rows with bounding boxes (prepare puts them in shards of their own)
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,24 @@ class Manifest:
     splits: Mapping[str, tuple[Shard, ...]] = field(repr=False)
     stats: ColorStats
 
-    def shards(self, split: str) -> tuple[Shard, ...]:
-        """The split's shards; ConfigError for an unknown or empty split."""
+    def shards(self, split: str, *, boxed: bool = False) -> tuple[Shard, ...]:
+        """The split's shards (`boxed`: only those holding bounding boxes, what localisation
+        reads); ConfigError for an unknown or empty split."""
         if split not in self.splits:
             known = ", ".join(sorted(self.splits)) or "none"
             raise ConfigError(f"manifest {self.uri} has no split {split!r} (it has: {known})")
         if not any(shard.rows for shard in self.splits[split]):
             raise ConfigError(f"split {split!r} of manifest {self.uri} has no rows")
-        return self.splits[split]
+        if not boxed:
+            return self.splits[split]
+        shards = tuple(shard for shard in self.splits[split] if shard.boxed_rows)
+        if not shards:
+            raise ConfigError(
+                f"split {split!r} of manifest {self.uri} has no bounding boxes; localisation "
+                "needs them: run `vgg-ray prepare` with --boxes LOC_train_solution.csv (or "
+                "Annotations/CLS-LOC) and a Kaggle --val-labels file"
+            )
+        return shards
 
     @property
     def wnids(self) -> tuple[str, ...]:
@@ -83,8 +94,8 @@ class Manifest:
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.classes)
 
-    def rows(self, split: str) -> int:
-        return sum(shard.rows for shard in self.shards(split))
+    def rows(self, split: str, *, boxed: bool = False) -> int:
+        return sum(shard.rows for shard in self.shards(split, boxed=boxed))
 
 
 def shard_sizes(manifest: Manifest) -> dict[str, int]:
@@ -223,7 +234,8 @@ def load_manifest(uri: str, *, s3_endpoint: str | None = None) -> Manifest:
                     raise ValueError(f"{shard['path']}: row groups do not add up to its rows")
                 _check_shard_path(shard["path"])
                 size, sha256 = int(shard.get("bytes") or 0), shard.get("sha256") or ""
-                shards.append(Shard(shard["path"], int(shard["rows"]), groups, first, size, sha256))
+                shards.append(Shard(shard["path"], int(shard["rows"]), groups, first, size, sha256,
+                                    int(shard.get("boxed_rows") or 0)))  # fmt: skip
                 first += shard["rows"]
             splits[name] = tuple(shards)
         stats = raw["stats"]

@@ -130,6 +130,15 @@ def init_weights(model: nn.Module, init: str = "paper") -> None:
             nn.init.zeros_(module.bias)
 
 
+REGRESSIONS = ("scr", "pcr")  # Appendix A: single-class or per-class box regression
+
+
+def head_size(classes: int, regression: str = "") -> int:
+    """Outputs of the last FC layer: class scores, or a box (4 numbers) for all classes (SCR)
+    or for each class (PCR)."""
+    return {"": classes, "scr": 4, "pcr": 4 * classes}[regression]
+
+
 def build_vgg(
     name: str,
     num_classes: int = 1000,

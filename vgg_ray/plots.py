@@ -1,4 +1,5 @@
-"""The training curves as one PNG: loss, top-1/top-5 error and learning rate per epoch."""
+"""The training curves as one PNG: loss, error (top-1/top-5, or a localisation net's
+localisation error) and learning rate per epoch."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ def plot_history(history: list[dict[str, float]], path: str | Path) -> str:
     loss.plot(epochs, [h["train_loss"] for h in history], label="train")
     loss.plot(epochs, [h["val_loss"] for h in history], label="val")
     loss.set(title="loss", xlabel="epoch")
-    for key, style in (("top1", "-"), ("top5", "--")):
+    for key, style in (("top1", "-"), ("top5", "--"), ("loc", "-")):
         for split in ("train", "val"):
-            values = [100 * h[f"{split}_{key}_error"] for h in history]
-            error.plot(epochs, values, style, label=f"{split} {key}")
+            if history and f"{split}_{key}_error" in history[0]:
+                values = [100 * h[f"{split}_{key}_error"] for h in history]
+                error.plot(epochs, values, style, label=f"{split} {key}")
     error.set(title="error (%)", xlabel="epoch")
     lr.semilogy(epochs, [h["lr"] for h in history])
     lr.set(title="learning rate", xlabel="epoch")

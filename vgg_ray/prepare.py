@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 
+from vgg_ray.annotations import read_annotations
 from vgg_ray.errors import ConfigError
 from vgg_ray.manifest import MANIFEST_FORMAT, MANIFEST_NAME, write_manifest
 from vgg_ray.storage import (
@@ -54,6 +55,22 @@ SHARD_SCHEMA = pa.schema(
         ("key", pa.string()),  # path relative to SRC, e.g. train/n01440764/n01440764_10026.JPEG
         ("height", pa.int32()),  # decoded size, pixels
         ("width", pa.int32()),
+        # Appendix A: the objects' boxes in pixels of the stored image (`vgg_ray.boxes`' frame);
+        # empty where the source has none. Older shards lack the column: readers allow that.
+        (
+            "boxes",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("label", pa.int32()),
+                        ("xmin", pa.float32()),
+                        ("ymin", pa.float32()),
+                        ("xmax", pa.float32()),
+                        ("ymax", pa.float32()),
+                    ]
+                )
+            ),
+        ),  # fmt: skip
     ]
 )
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -72,6 +89,9 @@ class PrepareConfig:
     """Output folder or s3://bucket/prefix."""
     val_labels: str | None = None
     """Labels for flat val/ files: Kaggle's LOC_val_solution.csv or 'filename wnid' lines."""
+    boxes: tuple[str, ...] = ()
+    """Bounding boxes (Appendix A): Kaggle LOC_*_solution.csv files and/or folders (or files) of
+    PASCAL-VOC XML (Annotations/CLS-LOC). A Kaggle --val-labels file gives the val boxes too."""
     class_names: str | None = None
     """LOC_synset_mapping.txt-style ('n01440764 tench, Tinca tinca'); names default to wnids."""
     s3_endpoint: str | None = None
@@ -101,12 +121,16 @@ class PrepareSummary:
     rejected: int
     seconds: float
     images_per_s: float
+    boxes: dict[str, int] = field(default_factory=dict)  # the manifest's box counts, all splits
 
     def line(self) -> str:
+        b = self.boxes
+        box_part = (f"; {b['boxes']:,} boxes on {b['images']:,} images ({b['clipped']} clipped, "
+                    f"{b['skipped']} skipped)" if b.get("boxes") else "")  # fmt: skip
         return (
             f"{self.images:,} images, {_human(self.bytes)} in {self.shards} shards "
             f"({self.reused_shards} reused); {self.converted} converted, {self.rejected} "
-            f"rejected; {self.images_per_s:,.0f} images/s; manifest {self.manifest}"
+            f"rejected{box_part}; {self.images_per_s:,.0f} images/s; manifest {self.manifest}"
         )
 
 
@@ -231,6 +255,7 @@ class Item:
     key: str  # path relative to SRC, "/"-separated
     label: int
     size: int  # bytes on disk: what the shard-size target counts
+    boxes: tuple[tuple[int, float, float, float, float], ...] = ()  # (label or -1, box), source px
 
 
 def _is_image(name: str) -> bool:
@@ -335,7 +360,41 @@ def scan_source(config: PrepareConfig) -> tuple[list[dict], dict[str, list[Item]
     val = src / "val"
     if val.is_dir() and (val_items := _scan_val(val, index, config.val_labels)):
         splits["val"] = val_items
-    return classes, splits
+    return classes, _with_boxes(splits, index, config)
+
+
+def box_files(config: PrepareConfig) -> list[str]:
+    """--boxes, and a Kaggle --val-labels file (LOC_val_solution.csv holds the val boxes)."""
+    files = list(config.boxes)
+    labels = config.val_labels
+    first = _read_lines(labels, "val-labels")[:1] if labels and labels not in files else []
+    if first and first[0].startswith("ImageId,"):
+        files.append(labels)
+    return files
+
+
+def _with_boxes(
+    splits: dict[str, list[Item]], index: dict[str, int], config: PrepareConfig
+) -> dict[str, list[Item]]:
+    """Each item with its boxes from the box files (matched by file stem), labelled by class
+    index; a box of a wnid that is no class gets -1 (the shard build skips and counts it)."""
+    files = box_files(config)
+    if not files:
+        return splits
+    found = read_annotations(files)
+    matched = 0
+    for split, items in splits.items():
+        with_boxes = []
+        for item in items:
+            raw = found.boxes.get(_stem(item.key), ())
+            matched += bool(raw)
+            boxes = tuple((index.get(wnid, -1), *box) for wnid, *box in raw)
+            with_boxes.append(Item(item.key, item.label, item.size, boxes))
+        splits[split] = with_boxes
+    if config.boxes and not matched:
+        raise ConfigError(f"no box in {', '.join(config.boxes)} names an image of {config.src} "
+                          "(boxes are matched by file name without extension)")  # fmt: skip
+    return splits
 
 
 def _scan_val(val: Path, index: dict[str, int], labels_path: str | None) -> list[Item]:
@@ -375,7 +434,7 @@ class ShardTask:
 
     split: str
     name: str  # e.g. train-00000-ab12cd34
-    items: tuple[tuple[str, int, bool], ...]  # (key, label, in the stats sample)
+    items: tuple[tuple[str, int, bool, tuple], ...]  # (key, label, in the stats sample, boxes)
     src: str
     dest: str
     s3_endpoint: str | None
@@ -393,24 +452,33 @@ class ShardTask:
 def plan_shards(
     split: str, items: list[Item], sample: set[str], config: PrepareConfig
 ) -> list[ShardTask]:
-    """Shuffle (seeded, so each shard mixes classes) and cut by the byte-size target."""
+    """Shuffle (seeded, so each shard mixes classes) and cut by the byte-size target. Images
+    with boxes and those without go to shards of their own, so that localisation reads only
+    the first (ILSVRC has boxes for about 40% of its training images)."""
     order = np.random.default_rng(config.seed).permutation(len(items))
-    groups: list[list[Item]] = [[]]
-    size = 0
-    for i in order:
-        item = items[i]
-        if groups[-1] and size + item.size > config.shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += item.size
+    groups: list[list[Item]] = []
+    for boxed in (True, False):
+        group, size = [], 0
+        for i in order:
+            item = items[i]
+            if bool(item.boxes) != boxed:
+                continue
+            if group and size + item.size > config.shard_size:
+                groups.append(group)
+                group, size = [], 0
+            group.append(item)
+            size += item.size
+        if group:
+            groups.append(group)
     tasks = []
     for number, group in enumerate(groups):
-        members = tuple((it.key, it.label, it.key in sample) for it in group)
+        members = tuple((it.key, it.label, it.key in sample, it.boxes) for it in group)
         # Everything that changes the shard's bytes or its sidecar goes into its name.
         digest = hashlib.sha256(f"{MANIFEST_FORMAT}\n{config.row_group_rows}\n".encode())
-        for (key, label, sampled), it in zip(members, group, strict=True):
+        for (key, label, sampled, boxes), it in zip(members, group, strict=True):
             digest.update(f"{key}\t{label}\t{it.size}\t{int(sampled)}\n".encode())
+            if boxes:  # (shards without boxes keep the names they had before boxes existed)
+                digest.update(f"{boxes}\n".encode())
         name = f"{split}-{number:05d}-{digest.hexdigest()[:8]}"
         tasks.append(
             ShardTask(split, name, members, str(Path(config.src).expanduser().resolve()),
@@ -445,20 +513,21 @@ def build_shard(task: ShardTask) -> dict:
     )
     os.close(handle)
     rejected, converted, moments, row_groups = [], 0, PixelMoments(), []
+    box_counts = {"images": 0, "boxes": 0, "clipped": 0, "skipped": 0}
     try:
         writer = pq.ParquetWriter(
             temp,
             SHARD_SCHEMA,
             # JPEG bytes do not compress; the small columns do.
             compression={"image": "NONE", "label": "SNAPPY", "key": "SNAPPY",
-                         "height": "SNAPPY", "width": "SNAPPY"},
+                         "height": "SNAPPY", "width": "SNAPPY", "boxes": "SNAPPY"},
             use_dictionary=["label", "height", "width"],
             write_statistics=["label", "key", "height", "width"],
             write_page_checksum=True,  # readers verify each page's CRC32 (vgg_ray.data)
         )  # fmt: skip
         with writer:
             batch: list[tuple] = []
-            for key, label, sampled in task.items:
+            for key, label, sampled, raw_boxes in task.items:
                 try:
                     image = encode_image(Path(task.src, key).read_bytes())
                 except ImageRejected as reason:
@@ -470,7 +539,8 @@ def build_shard(task: ShardTask) -> dict:
                 converted += image.converted
                 if sampled:
                     moments.add(image.rgb)
-                batch.append((image.data, label, key, image.height, image.width))
+                boxes = stored_boxes(raw_boxes, image.height, image.width, box_counts)
+                batch.append((image.data, label, key, image.height, image.width, boxes))
                 if len(batch) == task.row_group_rows:
                     _write_row_group(writer, batch, row_groups)
             if batch:
@@ -494,9 +564,29 @@ def build_shard(task: ShardTask) -> dict:
         "rejected": rejected,
         "converted": converted,
         "moments": moments.to_json(),
+        "boxes": box_counts,
     }
     write_bytes_atomic(fs, f"{root}/{task.state_path}", json.dumps(facts).encode())
     return facts
+
+
+def stored_boxes(
+    raw: tuple, height: int, width: int, counts: dict[str, int]
+) -> list[dict[str, float]]:
+    """An image's boxes as the shard stores them: clipped to the image; a box of no class
+    (label -1) or with no area left inside the image skipped. Both are counted in `counts`."""
+    kept = []
+    for label, *box in raw:
+        clipped = np.clip(box, 0, [width, height, width, height])
+        if label < 0 or not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
+            counts["skipped"] += 1
+            continue
+        counts["clipped"] += bool((clipped != box).any())
+        xmin, ymin, xmax, ymax = clipped.tolist()
+        kept.append({"label": label, "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax})
+    counts["images"] += bool(kept)
+    counts["boxes"] += len(kept)
+    return kept
 
 
 def _write_row_group(writer: pq.ParquetWriter, batch: list[tuple], row_groups: list[int]) -> None:
@@ -592,7 +682,17 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         rejected=len(manifest["rejected"]),
         seconds=seconds,
         images_per_s=built / seconds if seconds > 0 else 0.0,
+        boxes=box_totals(manifest),
     )
+
+
+def box_totals(manifest: dict) -> dict[str, int]:
+    """The manifest's box counts summed over its splits ({} where it has no boxes)."""
+    totals: dict[str, int] = {}
+    for split in manifest["splits"].values():
+        for name, count in split.get("boxes", {}).items():
+            totals[name] = totals.get(name, 0) + count
+    return totals
 
 
 def build_manifest(classes: list[dict], tasks: list[ShardTask], facts: dict[str, dict]) -> dict:
@@ -605,12 +705,18 @@ def build_manifest(classes: list[dict], tasks: list[ShardTask], facts: dict[str,
         converted += fact["converted"]
         if task.split == "train":
             moments.merge(PixelMoments(**fact["moments"]))
+        boxes = fact.get("boxes") or {}  # (sidecars of shards built before boxes had none)
+        if any(boxes.values()):
+            totals = split.setdefault("boxes", dict.fromkeys(boxes, 0))
+            for name, count in boxes.items():
+                totals[name] += count
         if fact["rows"]:
             split["rows"] += fact["rows"]
             split["bytes"] += fact["bytes"]
-            split["shards"].append(
-                {k: fact[k] for k in ("path", "rows", "bytes", "sha256", "row_groups")}
-            )
+            shard = {k: fact[k] for k in ("path", "rows", "bytes", "sha256", "row_groups")}
+            if boxes.get("images"):  # the rows with boxes: what localisation reads
+                shard["boxed_rows"] = boxes["images"]
+            split["shards"].append(shard)
     if not moments.images:
         raise ConfigError("no training image could be decoded; see the rejected files")
     return {

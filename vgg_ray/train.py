@@ -23,17 +23,18 @@ from vgg_ray.config import TrainConfig
 from vgg_ray.data import TRACE, SplitStream, trace
 from vgg_ray.errors import ConfigError
 from vgg_ray.manifest import load_manifest
-from vgg_ray.models import INITS, VGG, build_vgg, init_from_shallow
+from vgg_ray.models import INITS, VGG, build_vgg, head_size, init_from_shallow
 from vgg_ray.parallel import all_reduce, parallelize, unwrap
 from vgg_ray.schedules import build_schedule
-from vgg_ray.steps import evaluate_counts, sgd, train_step
+from vgg_ray.steps import Classification, evaluate_counts, objective, sgd, train_step
 from vgg_ray.tracking import NullTracker, Tracker, use_store
 
 log = logging.getLogger("vgg_ray.train")
-SCORE = "val_top5_error"  # the paper's measure
-# What the best checkpoints are kept by: top-5 error, ties broken by top-1 error. The weight is
-# below one image in a million, so it only ever decides between equal top-5 errors (every
-# epoch's on a data set of 5 classes or fewer, where top-5 error is 0).
+SCORE = Classification.score  # the paper's measure
+# What the best checkpoints are kept by: top-5 error, ties broken by top-1 error (a
+# localisation net's: its localisation error, ties broken by the loss). The weight is below
+# one image in a million, so it only ever decides between equal top-5 errors (every epoch's on
+# a data set of 5 classes or fewer, where top-5 error is 0).
 RANK = "checkpoint_rank"
 TIE_BREAK = 1e-6
 # Every this many steps all ranks ask Ray whether a node of the run is being reclaimed (spot
@@ -56,13 +57,20 @@ def initial_weights(model: VGG, config: TrainConfig) -> list[str]:
         raise ConfigError(
             f"cannot load init {config.init}: {str(error).splitlines()[0][:200]}"
         ) from error
+    trained_arch = state.get("arch")
+    if config.regression and trained_arch and trained_arch != config.arch:
+        raise ConfigError(f"init {config.init} is a trained net {trained_arch}; a localisation "
+                          f"net {config.arch} starts from a classifier of the same net "
+                          "(Appendix A)")  # fmt: skip
     if trained is not None and _conv_layers(trained) < _conv_layers(model):
         return init_from_shallow(model, trained)  # Sect. 3.1: deep nets start from a trained A
     loaded = dict(state["model"])
     head = model.classifier[-1].weight
-    if loaded.get(HEAD + "weight", head).shape[0] != head.shape[0]:
-        # Fine-tuning on another class count (ImageNet's 1000 to one's own 10): every layer but
-        # the last, which keeps its random init.
+    same_task = state.get("config", {}).get("regression", "") == config.regression
+    if not same_task or loaded.get(HEAD + "weight", head).shape[0] != head.shape[0]:
+        # Fine-tuning on another class count (ImageNet's 1000 to one's own 10), or a
+        # classifier becoming a localisation net (Appendix A): every layer but the last, which
+        # keeps its random init.
         loaded = {k: v for k, v in loaded.items() if not k.startswith(HEAD)}
     own_head = {k: v for k, v in model.state_dict().items() if k.startswith(HEAD)}
     try:
@@ -73,6 +81,15 @@ def initial_weights(model: VGG, config: TrainConfig) -> list[str]:
             f"(width {config.width}, {model.num_classes} classes): {str(error).splitlines()[0]}"
         ) from error
     return list(loaded)
+
+
+def val_errors_line(metrics: dict[str, float]) -> str:
+    """ "val error top-1 12.0% top-5 3.1%", or a localisation net's "val localisation error
+    40.2%" (centre crop, ground-truth class)."""
+    if "val_loc_error" in metrics:
+        return f"val localisation error {100 * metrics['val_loc_error']:.1f}%"
+    return (f"val error top-1 {100 * metrics['val_top1_error']:.1f}% top-5 "
+            f"{100 * metrics[SCORE]:.1f}%")  # fmt: skip
 
 
 def _conv_layers(model: torch.nn.Module) -> int:
@@ -127,8 +144,11 @@ class Worker:
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         init = config.init if config.init in INITS else config.base_init
-        model = build_vgg(config.arch, len(self.manifest.classes), config.width, init,
-                          config.dropout, config.batch_norm)  # fmt: skip
+        self.objective = objective(config.regression)
+        self.boxes = bool(config.regression)  # localisation: the shards' images with boxes
+        outputs = head_size(len(self.manifest.classes), config.regression)
+        model = build_vgg(config.arch, outputs, config.width, init, config.dropout,
+                          config.batch_norm)  # fmt: skip
         self.optimizer = sgd(model, lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)  # fmt: skip
         # The paper's default: "divided by 10 when the validation set accuracy stopped
@@ -157,6 +177,8 @@ class Worker:
             if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
                 use_store(config.tracking_uri)
             initial_weights(model, config)
+        if config.finetune == "fc":  # Table 8: only FC1-FC3 learn; DDP skips frozen weights
+            model.features.requires_grad_(False)
         self.model = parallelize(model, self.device, channels_last=self.channels_last,
                                  compile=config.compile)  # fmt: skip
         self.tracker = (Tracker(config.tracking_uri, loop_config["mlflow_run_id"])
@@ -188,17 +210,16 @@ class Worker:
             if trained is None:  # diverged: train_epoch checkpointed the weights from before
                 break
             metrics = self._metrics(epoch, trained, self.validate())
-            self.schedule.update(1 - metrics["val_top1_error"])
+            self.schedule.update(1 - metrics[self.objective.plateau])
             loop.epoch, loop.batch_in_epoch, loop.epoch_sums = epoch + 1, 0, None
             loop.history.append(metrics)
             self.tracker.log_metrics(metrics, step=epoch)
             if self.rank == 0:  # print() in a Ray Train worker can reach the driver twice
                 log.info(
-                    "epoch %d/%d: train loss %.3f, val error top-1 %.1f%% top-5 %.1f%%, "
-                    "%.0f img/s, %.0f%% of step time waiting for data",
-                    epoch + 1, config.epochs, metrics["train_loss"],
-                    100 * metrics["val_top1_error"], 100 * metrics[SCORE],
-                    metrics["images_per_s"], 100 * metrics["data_wait_share"],
+                    "epoch %d/%d: train loss %.3f, %s, %.0f img/s, %.0f%% of step time waiting "
+                    "for data", epoch + 1, config.epochs, metrics["train_loss"],
+                    val_errors_line(metrics), metrics["images_per_s"],
+                    100 * metrics["data_wait_share"],
                 )  # fmt: skip
             self.report(metrics, is_epoch_end=True)
         # Nothing is sent after the last checkpoint: what it carries unsent, the driver delivers.
@@ -216,8 +237,8 @@ class Worker:
         stream = SplitStream(self.manifest, "train", config.data, epoch=epoch, rank=self.rank,
                              world_size=self.world_size, batch_size=config.micro_batch,
                              device=device, training=True, global_batch=config.global_batch,
-                             max_workers=config.workers,
-                             start_step=loop.batch_in_epoch)  # fmt: skip
+                             max_workers=config.workers, start_step=loop.batch_in_epoch,
+                             boxes=self.boxes)  # fmt: skip
         self.model.train()
         resumed = loop.batch_in_epoch > 0
         # A mid-epoch checkpoint carries the epoch's sums so far over all ranks (rank 0 takes
@@ -241,7 +262,7 @@ class Worker:
             first, last = stream.order.step_span(index)
             step = train_step(self.model, self.optimizer, micro_batches, bf16=self.bf16,
                               clip_grad_norm=config.clip_grad_norm,
-                              global_rows=last - first)  # fmt: skip
+                              global_rows=last - first, objective=self.objective)  # fmt: skip
             loop.step += 1
             loop.batch_in_epoch += 1
             if step.applied:
@@ -304,27 +325,27 @@ class Worker:
                     is_epoch_end=False, suffix="-diverged")  # fmt: skip
 
     def validate(self) -> list[float]:
-        """[rows, top-1 correct, top-5 correct, loss sum] over the whole val split, all ranks."""
+        """[rows, the objective's two counts, loss sum] over the whole val split, all ranks."""
         self.model.eval()
         val = SplitStream(self.manifest, "val", self.config.data, epoch=0, rank=self.rank,
                           world_size=self.world_size, batch_size=self.config.micro_batch,
-                          device=self.device, training=False)  # fmt: skip
-        counts = evaluate_counts(self.model, val, bf16=self.bf16).to(self.device)
+                          device=self.device, training=False, boxes=self.boxes)  # fmt: skip
+        counts = evaluate_counts(self.model, val, bf16=self.bf16, objective=self.objective)
+        counts = counts.to(self.device)
         return all_reduce(counts).tolist()
 
     def _metrics(self, epoch: int, train: list[float], val: list[float]) -> dict[str, float]:
         rows, loss_sum, c1, c5, wait, elapsed, skipped = train
         rows, val_rows = max(rows, 1.0), max(val[0], 1.0)
+        errors = self.objective.errors
         return {
             "epoch": epoch,
             "step": self.loop.step,
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": loss_sum / rows,
-            "train_top1_error": 1 - c1 / rows,
-            "train_top5_error": 1 - c5 / rows,
+            **{f"train_{k}": v for k, v in errors((c1, c5), rows).items()},
             "val_loss": val[3] / val_rows,
-            "val_top1_error": 1 - val[1] / val_rows,
-            SCORE: 1 - val[2] / val_rows,
+            **{f"val_{k}": v for k, v in errors(val[1:3], val_rows).items()},
             # elapsed is summed over ranks: their mean is the epoch's wall time
             "images_per_s": rows / max(elapsed / self.world_size, 1e-9),
             "data_wait_share": wait / max(elapsed, 1e-9),
@@ -342,11 +363,12 @@ class Worker:
             if self.rank == 0:
                 ckpt.save_state(directory, self._state())
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-            rank = metrics[SCORE] + TIE_BREAK * metrics["val_top1_error"] if is_epoch_end else 2.0
+            score, tie_break = self.objective.score, self.objective.tie_break
+            rank = metrics[score] + TIE_BREAK * metrics[tie_break] if is_epoch_end else 2.0
             ray.train.report(
                 # Mid-epoch checkpoints are not evaluated: ranked below any epoch's (Ray's
                 # ranking cannot take inf), they are kept only while they are the latest.
-                {**metrics, SCORE: metrics[SCORE] if is_epoch_end else 1.0, RANK: rank},
+                {**metrics, score: metrics[score] if is_epoch_end else 1.0, RANK: rank},
                 checkpoint=checkpoint,
                 checkpoint_dir_name=name,
             )

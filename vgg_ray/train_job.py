@@ -24,7 +24,8 @@ from vgg_ray.config import TrainConfig, default_home, init_note
 from vgg_ray.data import TRACE
 from vgg_ray.errors import ConfigError, user_error
 from vgg_ray.manifest import check_shards, load_manifest
-from vgg_ray.models import INITS, build_vgg
+from vgg_ray.models import INITS, build_vgg, head_size
+from vgg_ray.steps import objective
 from vgg_ray.storage import absolute
 from vgg_ray.tracking import (
     DIVERGED_TAG,
@@ -37,7 +38,7 @@ from vgg_ray.tracking import (
     runs_tagged,
     use_store,
 )
-from vgg_ray.train import RANK, SCORE, initial_weights, train_worker
+from vgg_ray.train import RANK, SCORE, initial_weights, train_worker, val_errors_line
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,14 @@ def check_init(config: TrainConfig, classes: int) -> None:
     """On the driver, before any worker starts: `config.init`'s weights load and fit the net
     (width, class count, layout). The net is built on the meta device: shapes, no memory. A
     pair already checked (the CLI's net A lookup, then `train`) is not loaded again."""
-    key = (config.init, config.arch, config.width, config.batch_norm, classes)
+    key = (config.init, config.arch, config.width, config.batch_norm, classes, config.regression)
     if config.init in INITS or key in _FITTING_INITS:
         return
     if config.init.startswith(("models:/", "runs:/")) and config.tracking_uri:
         use_store(config.tracking_uri)  # resolved in the run's store, as the workers do
     with torch.device("meta"):
-        model = build_vgg(config.arch, classes, config.width, "glorot", config.dropout,
-                          config.batch_norm)  # fmt: skip
+        model = build_vgg(config.arch, head_size(classes, config.regression), config.width,
+                          "glorot", config.dropout, config.batch_norm)  # fmt: skip
     with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": as meant
         warnings.simplefilter("ignore", UserWarning)
         initial_weights(model, config)
@@ -366,7 +367,8 @@ def _best_intact(best_checkpoints: list) -> tuple[Any, dict[str, float], dict[st
     """(checkpoint, its metrics, its state) of the best-ranked checkpoint that verifies; one
     that does not is named and passed over."""
     # (runs begun before the rank was reported: by top-5 error alone)
-    ranked = sorted(best_checkpoints, key=lambda entry: entry[1].get(RANK, entry[1][SCORE]))
+    ranked = sorted(best_checkpoints,
+                    key=lambda entry: entry[1][RANK if RANK in entry[1] else SCORE])  # fmt: skip
     problems = []
     for checkpoint, metrics in ranked:
         try:
@@ -421,14 +423,14 @@ def _finish(config: TrainConfig, result, run_id: str, manifest) -> TrainSummary:
     best_uri = _checkpoint_uri(config, best_checkpoint)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         mlflow.set_tag("best_checkpoint", best_uri)
-        mlflow.log_metric(f"best_{SCORE}", best_metrics[SCORE])
+        score = objective(config.regression).score
+        mlflow.log_metric(f"best_{score}", best_metrics[score])
         with tempfile.TemporaryDirectory() as directory:
             mlflow.log_artifact(plot_history(history, Path(directory) / "curves.png"))
         log_net(best_state)
     final = history[-1] if history else {}
     print(
-        f"vgg-ray: run {config.run_name!r} done: val error top-1 "
-        f"{final.get('val_top1_error', 0):.3f}, top-5 {final.get(SCORE, 0):.3f}\n"
+        f"vgg-ray: run {config.run_name!r} done: {val_errors_line(final) if final else ''}\n"
         f"  checkpoints: {config.storage_path.rstrip('/')}/{config.run_name}\n"
         f"  best checkpoint: {best_uri}\n"
         f"  MLflow run {run_id}: {_mlflow_ui(config.tracking_uri, run_id)}",

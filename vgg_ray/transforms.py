@@ -88,6 +88,18 @@ class Draws(NamedTuple):
     alpha: np.ndarray  # float64 (N, 3): the colour shift's alpha_i ~ N(0, color_shift_std)
 
 
+class Window(NamedTuple):
+    """The source pixels one crop shows: [top, top + height) x [left, left + width) of the
+    decoded image, resized to crop x crop, then mirrored if `flip`. What moves a box
+    (`vgg_ray.boxes.into_window`) exactly as the pixels move."""
+
+    top: float
+    left: float
+    height: float
+    width: float
+    flip: bool = False
+
+
 def decode_cpu(data: Sequence[bytes]) -> list[torch.Tensor | None]:
     """Decode JPEG bytes to uint8 RGB (3, h, w) CPU tensors; None where a record is not a JPEG."""
     images: list[torch.Tensor | None] = []
@@ -255,17 +267,19 @@ class TrainingPreset:
         eigvec = torch.tensor(self.stats.eigvec, dtype=torch.float64)  # column i is p_i
         return (torch.from_numpy(alpha) * eigval @ eigvec.T).float()
 
-    def prepare(self, images: Sequence[torch.Tensor], *, epoch: int, indices: Sequence[int]):
-        """Rescale, crop and flip uint8 (3, h, w) images (CPU or CUDA) -> `Prepared`, whose
-        gain and bias carry this batch's colour shift and the normalisation."""
-        if len(images) != len(indices):
-            raise ValueError(f"{len(images)} images but {len(indices)} row indices")
-        draws = self.draw(indices, epoch=epoch)
-        crops = []
-        for image, short_side, u_top, u_left, flip in zip(
-            images, draws.scale, draws.top, draws.left, draws.flip, strict=True
+    def windows(
+        self, sizes: Sequence[tuple[int, int]], *, epoch: int, indices: Sequence[int]
+    ) -> list[Window]:
+        """Each image's crop (rescale, crop position, flip) from its (h, w) and its draws."""
+        if len(sizes) != len(indices):
+            raise ValueError(f"{len(sizes)} images but {len(indices)} row indices")
+        return self._windows(sizes, self.draw(indices, epoch=epoch))
+
+    def _windows(self, sizes: Sequence[tuple[int, int]], draws: Draws) -> list[Window]:
+        windows = []
+        for (height, width), short_side, u_top, u_left, flip in zip(
+            sizes, draws.scale, draws.top, draws.left, draws.flip, strict=True
         ):
-            height, width = image.shape[-2:]
             rescaled_h, rescaled_w = rescaled_size(height, width, int(short_side))
             # A uniform crop position among the (rescaled - crop + 1) possible ones per axis.
             top = math.floor(u_top * (rescaled_h - self.crop + 1))
@@ -273,9 +287,21 @@ class TrainingPreset:
             window = source_window(
                 height, width, short_side=int(short_side), crop=self.crop, top=top, left=left
             )
-            resized = _resized_window(image, window, self.crop)
+            windows.append(Window(*window, flip=bool(flip)))
+        return windows
+
+    def prepare(self, images: Sequence[torch.Tensor], *, epoch: int, indices: Sequence[int]):
+        """Rescale, crop and flip uint8 (3, h, w) images (CPU or CUDA) -> `Prepared`, whose
+        gain and bias carry this batch's colour shift and the normalisation."""
+        if len(images) != len(indices):
+            raise ValueError(f"{len(images)} images but {len(indices)} row indices")
+        draws = self.draw(indices, epoch=epoch)
+        windows = self._windows([tuple(image.shape[-2:]) for image in images], draws)
+        crops = []
+        for image, window in zip(images, windows, strict=True):
+            resized = _resized_window(image, window[:4], self.crop)
             # Flip after the resize: it then touches crop^2 pixels, and it commutes with the resize.
-            crops.append(resized.flip(-1) if flip else resized)
+            crops.append(resized.flip(-1) if window.flip else resized)
         pixels = torch.stack(crops) if crops else torch.empty(0, 3, self.crop, self.crop,
                                                                dtype=torch.uint8)  # fmt: skip
         gain, bias = _affine(self.color_shift(draws.alpha), self.stats, self.normalize)
@@ -306,6 +332,22 @@ class EvalPreset:
         if self.crop is not None and self.crop > self.scale:
             raise ConfigError(f"crop {self.crop} is larger than the eval scale Q = {self.scale}")
         _check_common(self.crop, self.normalize)
+
+    def windows(self, sizes: Sequence[tuple[int, int]], **_) -> list[Window]:
+        """Each image's centre crop of its Q-rescaled self, as a window of the decoded image
+        (the whole image in `whole` mode)."""
+        windows = []
+        for height, width in sizes:
+            if self.crop is None:
+                windows.append(Window(0.0, 0.0, float(height), float(width)))
+                continue
+            rescaled_h, rescaled_w = rescaled_size(height, width, self.scale)
+            # torchvision's center_crop offsets, in the rescaled image
+            top = int(round((rescaled_h - self.crop) / 2.0))
+            left = int(round((rescaled_w - self.crop) / 2.0))
+            y, x = height / rescaled_h, width / rescaled_w  # source pixels per rescaled pixel
+            windows.append(Window(top * y, left * x, self.crop * y, self.crop * x))
+        return windows
 
     def prepare(self, images: Sequence[torch.Tensor], *, epoch: int = 0, indices=None):
         """Rescale to Q and centre-crop uint8 (3, h, w) images -> `Prepared` (no randomness:
