@@ -511,6 +511,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate(_config_of(EvaluateConfig, args, tuples=("models", "modes", "scales")))
 
 
+def _localise(args: argparse.Namespace) -> None:
+    from vgg_ray.localisation import LocaliseConfig, localise
+
+    localise(_config_of(LocaliseConfig, args, tuples=("models",)))
+
+
 def _features(args: argparse.Namespace) -> None:
     from vgg_ray.features_job import FeaturesConfig, extract
 
@@ -526,7 +532,7 @@ def _probe(args: argparse.Namespace) -> None:
 def _register(args: argparse.Namespace) -> None:
     from vgg_ray.registry import RegisterConfig, register_runs
 
-    register_runs(_config_of(RegisterConfig, args, tuples=("runs",)))
+    register_runs(_config_of(RegisterConfig, args, tuples=("runs", "scales")))
 
 
 def _register_ensemble(args: argparse.Namespace) -> None:
@@ -740,6 +746,28 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
     add_field_options(parser, EvaluateConfig)
 
 
+def _localise_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", dest="models", action="append", metavar="SOURCE",
+        help="localisation net (`vgg-ray train --regression pcr`): checkpoint, runs:/<id>, run "
+        "id or models:/; repeat for their fusion")  # fmt: skip
+    add("--classifier", metavar="SOURCE", help="classification net rating protocol 2's boxes "
+        "(its top-5 classes); without it, protocol 1 only")  # fmt: skip
+    add("--protocol", dest="protocols", action="append", type=int, choices=[1, 2],
+        help="1: centre crop, ground-truth class (Table 8); 2: dense, top-5 (Table 9); "
+        "repeatable; default both (1 without --classifier)")  # fmt: skip
+    add("--scales", type=_scale_set, metavar="Q[,Q...]",
+        help="protocol 2's test scales, e.g. 352,384 (default: each net's S)")  # fmt: skip
+    _actor_options(add)
+    _s3_option(add)
+    _tracking_option(add)
+    add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None,
+        help="log nothing to MLflow; the tables are written to --output only")  # fmt: skip
+    from vgg_ray.localisation import LocaliseConfig
+
+    add_field_options(parser, LocaliseConfig)
+
+
 def _features_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", dest="models", action="append", metavar="SOURCE",
@@ -794,6 +822,8 @@ def _register_options(parser: argparse.ArgumentParser) -> None:
     _tracking_option(add)
     add("--s3-endpoint", type=_s3_endpoint, help="S3-compatible endpoint URL, for a manifest "
         "on S3")  # fmt: skip
+    add("--scales", type=_scale_set, metavar="Q[,Q...]", help="a localisation model's default "
+        "test scales (default: the net's S)")  # fmt: skip
     from vgg_ray.registry import RegisterConfig
 
     add_field_options(parser, RegisterConfig, skip={"alias"})  # champion: only promote
@@ -878,6 +908,12 @@ def _commands() -> list[tuple[str, str, Callable | None, Callable]]:
             "the paper's test protocol: dense, multi-crop, multi-scale, ensembles",
             _evaluate_options,
             _evaluate,
+        ),
+        (
+            "localise",
+            "localisation nets' Tables 8 and 9: centre crop, dense + merged boxes (Appendix A)",
+            _localise_options,
+            _localise,
         ),
         (
             "features",

@@ -58,6 +58,8 @@ def info_from_dict(values: dict[str, Any]):
         source=values.get("source", ""),
         run_id=values.get("run_id"),
         manifest=values.get("manifest", ""),
+        regression=values.get("regression", ""),
+        finetune=values.get("finetune", "all"),
     )
 
 

@@ -79,6 +79,10 @@ class NetInfo:
     """The MLflow run it was trained in, if known: results are logged there."""
     manifest: str = ""
     """The manifest it was trained on, if known: the default data set to evaluate on."""
+    regression: str = ""
+    """A localisation net's box regression, "scr" or "pcr" (Appendix A); "": a classifier."""
+    finetune: str = "all"
+    """Which of its layers were trained from its init: "all", or "fc" only."""
 
     @property
     def train_scale_label(self) -> str:

@@ -144,7 +144,8 @@ def _stats(values: dict | None) -> ColorStats | None:
 
 
 def info_from_state(state: dict, source: str, run_id: str | None) -> NetInfo:
-    data = state.get("config", {}).get("data", {})
+    config = state.get("config", {})
+    data = config.get("data", {})
     return NetInfo(
         name=state["arch"],
         crop=int(data.get("crop", 224)),
@@ -155,6 +156,8 @@ def info_from_state(state: dict, source: str, run_id: str | None) -> NetInfo:
         source=source,
         run_id=run_id,
         manifest=data.get("manifest", ""),
+        regression=config.get("regression", ""),
+        finetune=config.get("finetune", "all"),
     )
 
 
@@ -234,13 +237,25 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
 
 def check_classes(net: LoadedNet, manifest: Manifest) -> None:
     """ConfigError unless the net's outputs are the manifest's classes, in order."""
+    if net.info.regression:
+        raise ConfigError(f"model {net.info.source} is a localisation net (Appendix A): "
+                          "evaluate it with `vgg-ray localise`")  # fmt: skip
+    check_wnids(net, manifest)
     count, expected = net.model.num_classes, len(manifest.classes)
     if count != expected:
         raise ConfigError(
             f"model {net.info.source} has {count} classes but manifest {manifest.uri} has "
             f"{expected}: it was trained on another data set"
         )
+
+
+def check_wnids(net: LoadedNet, manifest: Manifest) -> None:
+    """ConfigError unless the classes the net was trained on are the manifest's, in order."""
     if net.info.classes and tuple(net.info.classes) != manifest.wnids:
+        if len(net.info.classes) != len(manifest.wnids):
+            raise ConfigError(f"model {net.info.source} has {len(net.info.classes)} classes but "
+                              f"manifest {manifest.uri} has {len(manifest.wnids)}: it was "
+                              "trained on another data set")  # fmt: skip
         first = next(i for i, (a, b) in enumerate(zip(net.info.classes, manifest.wnids,
                                                       strict=True)) if a != b)  # fmt: skip
         raise ConfigError(

@@ -44,10 +44,11 @@ from vgg_ray.tracking import experiment_id as named_experiment
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-KIND = "vgg_ray.kind"  # version tag: "net" or "ensemble"
+KIND = "vgg_ray.kind"  # version tag: "net", "ensemble" or "localiser"
 HISTORY = "champion_history"  # registered-model tag: earlier champions, oldest first ("1,3")
 PREVIOUS = "previous_champion"  # registered-model tag: the last of HISTORY, for people
 ENSEMBLE_CODE = Path(__file__).with_name("ensemble_model.py")
+LOCALISER_CODE = Path(__file__).with_name("localiser_model.py")
 # Run metrics copied onto a net's version as `metric.<name>` tags.
 METRIC_PREFIXES = ("eval_", "val_", "best_val_")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -79,6 +80,12 @@ class RegisterConfig:
     """MLflow; "" = MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""
     s3_endpoint: str | None = None
     """For a manifest on S3 (its hash is a version tag)."""
+    classifier: str = ""
+    """For a localisation run (Appendix A): the classification net (`models:/vgg-D@champion`,
+    a run or a checkpoint) whose top-5 classes and scores rate its boxes; the version is then a
+    pyfunc returning the top-5 (class, score, box) per image, as `vgg-localise-<arch>`."""
+    scales: tuple[int, ...] = ()
+    """A localisation model's default test scales Q (a predict param); () = the net's S."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +258,9 @@ def register_runs(config: RegisterConfig) -> list[Registered]:
         arch = params.get("arch") or run.data.tags.get("arch")
         if not arch:
             raise ConfigError(f"run {run_id} is not a vgg-ray training run (no arch param)")
+        if params.get("regression"):  # a localisation net: registered with its classifier
+            registered.append(register_localiser(client, config, run))
+            continue
         model_uri = f"runs:/{run_id}/model"
         try:
             mlflow.models.get_model_info(model_uri)
@@ -448,6 +458,77 @@ def register_ensemble(config: EnsembleConfig) -> Registered:
     client.set_registered_model_alias(name, config.alias, version.version)
     print(f"vgg-ray register-ensemble: {name} version {version.version} (@{config.alias}): "
           f"{label} from run {run_id}", flush=True)  # fmt: skip
+    return Registered(name, str(version.version), run_id, tags)
+
+
+def register_localiser(client, config: RegisterConfig, run) -> Registered:
+    """A localisation run's best checkpoint and `config.classifier` as one pyfunc
+    (`localiser_model.py`: protocol 2's top-5 class, score and box per image), logged into the
+    run as `localiser` and registered as a new version of `vgg-localise-<arch>`."""
+    import mlflow
+    import mlflow.pyfunc
+
+    from vgg_ray.checkpoint import net_state, save_state
+
+    run_id = run.info.run_id
+    if not config.classifier:
+        raise ConfigError(f"run {run_id} trained a localisation net: its model rates boxes by "
+                          "a classifier's scores; pass --classifier (e.g. "
+                          "models:/vgg-D@champion)")  # fmt: skip
+    net = resolve_member(client, run_id, s3_endpoint=config.s3_endpoint)
+    classifier = resolve_member(client, config.classifier, s3_endpoint=config.s3_endpoint)
+    if classifier.info.regression:
+        raise ConfigError(f"--classifier {config.classifier} is a localisation net, not a "
+                          "classifier")  # fmt: skip
+    if list(classifier.state["classes"]) != list(net.state["classes"]):
+        raise ConfigError(f"--classifier {config.classifier} was trained on other classes than "
+                          f"run {run_id}")  # fmt: skip
+    if classifier.info.crop != net.info.crop or net.info.crop % 32:
+        raise ConfigError(f"the classifier's crop ({classifier.info.crop}) must be the "
+                          f"localisation net's ({net.info.crop}), a multiple of 32: both run "
+                          "densely over the image")  # fmt: skip
+    name = config.name or f"vgg-localise-{net.info.name}"
+    check_model_name(name)
+    tags = {
+        KIND: "localiser", "run_id": run_id, "arch": net.info.name,
+        "regression": net.info.regression, "finetune": net.info.finetune,
+        "train_scale": net.info.train_scale_label.strip("[]").replace(";", "-"),
+        "classifier": config.classifier, "classifier_checkpoint": classifier.checkpoint,
+        "best_checkpoint": net.checkpoint, "data_manifest": net.info.manifest,
+        "scales": ",".join(map(str, config.scales)) or "the net's S",
+        **{f"metric.{k}": f"{v:.6g}" for k, v in sorted(run.data.metrics.items())
+           if k.startswith(METRIC_PREFIXES)},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        artifacts, entries = {}, []
+        for key, member in (("member_0", net), ("classifier", classifier)):
+            folder = Path(directory) / key
+            folder.mkdir()
+            save_state(folder, net_state(member.state))
+            artifacts[key] = str(folder)
+            info = dataclasses.replace(member.info, classes=())  # in the state files
+            entries.append({"artifact": key, "info": _json(dataclasses.asdict(info))})
+        model_config = {"scales": list(config.scales), "members": entries[:1],
+                        "classifier": entries[1]}  # fmt: skip
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import ParamSchema, ParamSpec
+
+        signature = ModelSignature(params=ParamSchema(
+            [ParamSpec("scales", "long", list(config.scales), shape=(-1,))]
+        ))  # fmt: skip
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            logged = mlflow.pyfunc.log_model(
+                name="localiser", python_model=str(LOCALISER_CODE), artifacts=artifacts,
+                model_config=model_config, signature=signature,
+                pip_requirements=model_requirements("numpy", "mlflow", "pandas"),
+                metadata={"classes": list(net.state["classes"]), "arch": net.info.name,
+                          "kind": "localiser"},
+            )  # fmt: skip
+    version = mlflow.register_model(logged.model_uri, name, tags=tags)
+    client.set_registered_model_alias(name, config.alias, version.version)
+    print(f"vgg-ray register: {name} version {version.version} (@{config.alias}) from "
+          f"localisation run {run_id} with classifier {config.classifier}", flush=True)  # fmt: skip
     return Registered(name, str(version.version), run_id, tags)
 
 
