@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from conftest import real_photos
 
 from vgg_ray.errors import ConfigError
 from vgg_ray.evaluate import NetInfo
@@ -123,17 +124,6 @@ def test_a_plain_state_dict_is_matched_to_its_table_1_net():
 # --- the job: real photos in class folders, real Ray, real MLflow -------------------------------
 
 
-def _photos() -> list[tuple[str, Path]]:
-    """Three real photographs that ship with scikit-learn and matplotlib."""
-    import matplotlib
-    import sklearn
-
-    sk = Path(sklearn.__file__).parent / "datasets" / "images"
-    mpl = Path(matplotlib.get_data_path()) / "sample_data"
-    return [("china", sk / "china.jpg"), ("flower", sk / "flower.jpg"),
-            ("hopper", mpl / "grace_hopper.jpg")]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory) -> Path:
     """Class folders of crops (40-80 px, sizes vary) of three real photos, 14 per class, with a
@@ -143,7 +133,7 @@ def photo_folder(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("photos") / "images"
     rng = np.random.default_rng(0)
-    for name, path in _photos():
+    for name, path in real_photos():
         photo = Image.open(path).convert("RGB")
         (root / name).mkdir(parents=True)
         for i in range(14):
@@ -174,7 +164,7 @@ def _photo_crops(count: int, seed: int) -> tuple[list[torch.Tensor], np.ndarray]
 
     rng = np.random.default_rng(seed)
     images, labels = [], []
-    for label, (_, path) in enumerate(_photos()):
+    for label, (_, path) in enumerate(real_photos()):
         photo = Image.open(path).convert("RGB")
         for _ in range(count):
             side = int(rng.integers(100, 300))

@@ -74,6 +74,22 @@ def test_nets_and_stages_select_a_part_with_what_it_needs():
         plan(stages=("D-512",))
 
 
+def test_localisation_adds_appendix_a_from_the_classifiers_of_its_scales():
+    stages = _by_name(plan(localisation=True))
+    assert stages["loc-D-256"].parents == ("D-256",) and stages["loc-D-384"].parents == ("D-384",)
+    fc = stages["loc-D-384-scr-fc"]
+    assert (fc.regression, fc.finetune, fc.parents) == ("scr", "fc", ("D-384",))
+    assert stages["localise"].parents == ("loc-D-256", "loc-D-384", "loc-D-384-scr-fc",
+                                          "loc-D-384-pcr-fc", "D-384")  # fmt: skip
+    assert "eval-loc-D-256" not in stages  # evaluated by Tables 8 and 9, not 3-6
+    assert stages["ensemble-DE"].parents == ("D-jitter", "E-jitter")  # still the classifiers
+    loc = stage_config(ReproduceConfig(base=paper("A")), stages["loc-D-384"], init="/ckpt/D-384")
+    assert (loc.regression, loc.finetune, loc.lr, loc.data.scale, loc.init) == (
+        "pcr", "all", 1e-3, (384, 384), "/ckpt/D-384")  # fmt: skip
+    assert "localise" not in _by_name(plan(stages=("256",), localisation=True))
+    assert "loc-D-256" not in _by_name(plan())
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -81,6 +97,8 @@ def test_nets_and_stages_select_a_part_with_what_it_needs():
         (["--stages", "D-512"], "unknown stage(s) D-512"),
         (["--resume", "--name", "never-started"], "no chain 'never-started'"),
         (["--max-concurrent", "-1"], "max_concurrent"),
+        (["--localisation"], "has no bounding boxes"),  # before any stage runs
+        (["--localisation", "--nets", "A,E"], "add D to --nets"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):

@@ -364,6 +364,8 @@ def add_reproduce_options(parser: argparse.ArgumentParser) -> None:
     add("--dry-run", action="store_true", help="print the plan and its cost; run nothing")
     add("--max-images", type=int, help="evaluate only the val split's first N images")
     add("--actors", type=int, help="evaluation actors (default: one per GPU, else per 2 CPUs)")
+    add("--localisation", action="store_true", help="also Appendix A: net D's localisation nets "
+        "at S = 256 and 384, Tables 8 and 9 (needs data prepared with --boxes)")  # fmt: skip
     add_train_options(parser, one_run=False)
 
 
@@ -383,7 +385,7 @@ def reproduce_config(args: argparse.Namespace):
         base=base, name=args.name or "", nets=tuple(args.nets or NETS),
         stages=tuple(args.stages or ()), max_concurrent=args.max_concurrent or 0,
         resume=args.resume, dry_run=args.dry_run, max_images=args.max_images or 0,
-        actors=args.actors or 0,
+        actors=args.actors or 0, localisation=args.localisation,
     )  # fmt: skip
 
 
@@ -514,7 +516,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _localise(args: argparse.Namespace) -> None:
     from vgg_ray.localisation import LocaliseConfig, localise
 
-    localise(_config_of(LocaliseConfig, args, tuples=("models",)))
+    localise(_config_of(LocaliseConfig, args, tuples=("models", "scales")))
 
 
 def _features(args: argparse.Namespace) -> None:
@@ -756,8 +758,9 @@ def _localise_options(parser: argparse.ArgumentParser) -> None:
     add("--protocol", dest="protocols", action="append", type=int, choices=[1, 2],
         help="1: centre crop, ground-truth class (Table 8); 2: dense, top-5 (Table 9); "
         "repeatable; default both (1 without --classifier)")  # fmt: skip
-    add("--scales", type=_scale_set, metavar="Q[,Q...]",
-        help="protocol 2's test scales, e.g. 352,384 (default: each net's S)")  # fmt: skip
+    add("--scales", action="append", type=_scale_set, metavar="Q[,Q...]",
+        help="protocol 2: rows at these test scales too, e.g. 352,384 (besides each net's S); "
+        "repeatable")  # fmt: skip
     _actor_options(add)
     _s3_option(add)
     _tracking_option(add)

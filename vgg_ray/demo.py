@@ -100,16 +100,21 @@ def draw_example(
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """One image of class `label` (size is width, height) and the object's box, ILSVRC-style
     (xmin, ymin, xmax, ymax: inclusive pixels). The pattern's side is a random share
-    `extent` of the image's smaller side; on a random crop of `photo` if given, else on a
-    plain dark background."""
+    `extent` of the image's smaller side; on a random region of `photo` (dimmed) if given,
+    else on a plain dark background."""
     name, pattern, colour = PATTERNS[label % len(PATTERNS)]
     width, height = size
     if photo is None:
         image = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 90, 3)))
-    else:
-        left = int(rng.integers(0, max(1, photo.width - width)))
-        top = int(rng.integers(0, max(1, photo.height - height)))
-        image = photo.crop((left, top, left + width, top + height))
+    else:  # a random region of the photo, at least half its smaller side, resized to fit
+        side = rng.uniform(0.5, 1.0) * min(photo.size) / max(width, height)
+        region_w, region_h = width * side, height * side
+        left = rng.uniform(0, photo.width - region_w)
+        top = rng.uniform(0, photo.height - region_h)
+        region = photo.resize((width, height), Image.Resampling.BILINEAR,
+                              box=(left, top, left + region_w, top + region_h))  # fmt: skip
+        # dimmed to the plain background's range (0..90), so the bright pattern stands out
+        image = region.point(lambda v: v * 90 // 255)
     side = rng.uniform(*extent) * min(width, height)
     x0 = rng.uniform(0, width - side)
     y0 = rng.uniform(0, height - side)
@@ -144,8 +149,8 @@ def make_demo_tree(
     and each object's box in Kaggle's layout, root/LOC_{train,val}_solution.csv.
 
     Image sides are drawn uniformly from `size` (min, max) pixels, so aspect ratios vary; the
-    pattern's side is a share `extent` of the smaller side, drawn on a crop of one of `photos`
-    (larger than `size`) where given, else on a plain background. Returns the root folder.
+    pattern's side is a share `extent` of the smaller side, drawn on a region of one of `photos`
+    where given, else on a plain background. Returns the root folder.
     """
     if not 1 <= classes <= len(PATTERNS):
         raise ConfigError(f"classes must be 1..{len(PATTERNS)}, got {classes}")

@@ -237,9 +237,6 @@ def load_net(source: str, *, tracking_uri: str, s3_endpoint: str | None = None) 
 
 def check_classes(net: LoadedNet, manifest: Manifest) -> None:
     """ConfigError unless the net's outputs are the manifest's classes, in order."""
-    if net.info.regression:
-        raise ConfigError(f"model {net.info.source} is a localisation net (Appendix A): "
-                          "evaluate it with `vgg-ray localise`")  # fmt: skip
     check_wnids(net, manifest)
     count, expected = net.model.num_classes, len(manifest.classes)
     if count != expected:
@@ -268,6 +265,10 @@ def load_nets(config: EvaluateConfig) -> tuple[list[LoadedNet], Manifest]:
     """The nets, checked against the manifest (the given one, or the first net's)."""
     nets = [load_net(s, tracking_uri=config.tracking_uri, s3_endpoint=config.s3_endpoint)
             for s in config.models]  # fmt: skip
+    for net in nets:
+        if net.info.regression:
+            raise ConfigError(f"model {net.info.source} is a localisation net (Appendix A): "
+                              "evaluate it with `vgg-ray localise`")  # fmt: skip
     uri = config.manifest or nets[0].info.manifest
     if not uri:
         raise ConfigError(f"no --manifest given and {config.models[0]} does not name the data "

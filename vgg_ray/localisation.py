@@ -80,8 +80,9 @@ class LocaliseConfig:
     protocols: tuple[int, ...] = ()
     """1 (centre crop, ground-truth class: Table 8) and/or 2 (dense, top-5: Table 9); ():
     both where a classifier is given, else 1."""
-    scales: tuple[int, ...] = ()
-    """Protocol 2's test scales Q, for every net; (): each net's training scale S."""
+    scales: tuple[tuple[int, ...], ...] = ()
+    """Protocol 2: further test scale sets (e.g. (352, 384), Table 9), each a row per net (and
+    for their fusion) besides the rows at each net's training scale, Q = S."""
     manifest: str = ""
     """The shards' manifest; "" = the one the first net was trained on."""
     split: str = "val"
@@ -122,7 +123,8 @@ class LocaliseConfig:
             (set(self.protocols) <= {1, 2}, f"protocols are 1 and 2, got {self.protocols}"),
             (2 not in self.protocols or bool(self.classifier), "protocol 2 rates boxes by a "
              "classification net's scores: pass --classifier"),
-            (all(q >= 1 for q in self.scales), f"test scales must be >= 1, got {self.scales}"),
+            (all(qs and all(q >= 1 for q in qs) for qs in self.scales),
+             f"test scales must be >= 1, got {self.scales}"),
             (self.max_images >= 0, "max_images must be >= 0"),
             (self.actors >= 0, "actors must be >= 0"),
             (self.batch_size >= 1 and self.max_crops >= 1, "batch size and max crops must be "
@@ -155,16 +157,17 @@ class Row:
 
 
 def plan_rows(infos: list[NetInfo], config: LocaliseConfig) -> list[Row]:
-    """Protocol 1: a row per net at Q = S. Protocol 2: a row per net at `scales` (or Q = S) and,
-    with several nets, their fusion."""
+    """Protocol 1: a row per net at Q = S. Protocol 2: for Q = S and for each set of `scales`, a
+    row per net and, with several nets, their fusion."""
     rows = []
     if 1 in config.chosen_protocols:
         rows += [Row(1, (i,), ((single_scale(n),),)) for i, n in enumerate(infos)]
     if 2 in config.chosen_protocols:
-        scales = [tuple(config.scales) or (single_scale(n),) for n in infos]
-        rows += [Row(2, (i,), (scales[i],)) for i in range(len(infos))]
-        if len(infos) > 1:
-            rows.append(Row(2, tuple(range(len(infos))), tuple(scales)))
+        for chosen in dict.fromkeys(((), *config.scales)):
+            scales = [tuple(chosen) or (single_scale(n),) for n in infos]
+            rows += [Row(2, (i,), (scales[i],)) for i in range(len(infos))]
+            if len(infos) > 1:
+                rows.append(Row(2, tuple(range(len(infos))), tuple(scales)))
     return rows
 
 
@@ -474,7 +477,7 @@ def _log_mlflow(config: LocaliseConfig, nets: list[LoadedNet], classifier: Loade
     run = client.create_run(experiment_id(client, config.experiment), run_name=name, tags=tags)
     run_id = run.info.run_id
     params = {"split": config.split, "protocols": ",".join(map(str, config.chosen_protocols)),
-              "scales": ",".join(map(str, config.scales)) or "S",
+              "scales": "; ".join(",".join(map(str, qs)) for qs in config.scales) or "S",
               "max_images": config.max_images}  # fmt: skip
     import mlflow.entities
 

@@ -139,6 +139,17 @@ def head_size(classes: int, regression: str = "") -> int:
     return {"": classes, "scr": 4, "pcr": 4 * classes}[regression]
 
 
+def init_box_head(model: VGG) -> None:
+    """A new box regression layer (Appendix A: the last layer starts random): weights N(0, 1e-3)
+    and the bias the centred box of half the crop's side, (0.5, 0.5, 0.5, 0.5) per box. Not
+    N(0, 0.01) and a zero bias, as a classifier's last layer: a trained net's FC2 activations
+    have a norm of tens, so that would start every box off by about half the crop, and the
+    Euclidean loss's first, large gradients would undo the features the net was given."""
+    head = model.classifier[-1]
+    nn.init.normal_(head.weight, mean=0.0, std=1e-3)
+    nn.init.constant_(head.bias, 0.5)
+
+
 def build_vgg(
     name: str,
     num_classes: int = 1000,

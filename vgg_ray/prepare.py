@@ -126,7 +126,8 @@ class PrepareSummary:
     def line(self) -> str:
         b = self.boxes
         box_part = (f"; {b['boxes']:,} boxes on {b['images']:,} images ({b['clipped']} clipped, "
-                    f"{b['skipped']} skipped)" if b.get("boxes") else "")  # fmt: skip
+                    f"{b['skipped']} skipped, {b.get('malformed', 0)} malformed)"
+                    if b.get("boxes") else "")  # fmt: skip
         return (
             f"{self.images:,} images, {_human(self.bytes)} in {self.shards} shards "
             f"({self.reused_shards} reused); {self.converted} converted, {self.rejected} "
@@ -360,7 +361,7 @@ def scan_source(config: PrepareConfig) -> tuple[list[dict], dict[str, list[Item]
     val = src / "val"
     if val.is_dir() and (val_items := _scan_val(val, index, config.val_labels)):
         splits["val"] = val_items
-    return classes, _with_boxes(splits, index, config)
+    return classes, splits
 
 
 def box_files(config: PrepareConfig) -> list[str]:
@@ -373,14 +374,17 @@ def box_files(config: PrepareConfig) -> list[str]:
     return files
 
 
-def _with_boxes(
-    splits: dict[str, list[Item]], index: dict[str, int], config: PrepareConfig
-) -> dict[str, list[Item]]:
+def attach_boxes(
+    splits: dict[str, list[Item]], classes: list[dict], config: PrepareConfig
+) -> tuple[dict[str, list[Item]], dict]:
     """Each item with its boxes from the box files (matched by file stem), labelled by class
-    index; a box of a wnid that is no class gets -1 (the shard build skips and counts it)."""
+    index; a box of a wnid that is no class gets -1 (the shard build skips and counts it).
+    Also what the manifest records of the box files: their names and the boxes in them that
+    did not parse."""
     files = box_files(config)
     if not files:
-        return splits
+        return splits, {}
+    index = {c["wnid"]: c["index"] for c in classes}
     found = read_annotations(files)
     matched = 0
     for split, items in splits.items():
@@ -394,7 +398,7 @@ def _with_boxes(
     if config.boxes and not matched:
         raise ConfigError(f"no box in {', '.join(config.boxes)} names an image of {config.src} "
                           "(boxes are matched by file name without extension)")  # fmt: skip
-    return splits
+    return splits, {"files": [Path(f).name for f in files], "malformed": found.malformed}
 
 
 def _scan_val(val: Path, index: dict[str, int], labels_path: str | None) -> list[Item]:
@@ -640,6 +644,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
         raise ConfigError("--shard-size, --row-group-rows and --workers must be positive")
     start = time.perf_counter()
     classes, splits = scan_source(config)
+    splits, box_sources = attach_boxes(splits, classes, config)
     sample = stats_sample(splits["train"], config)
     tasks = [
         t for split, items in splits.items() for t in plan_shards(split, items, sample, config)
@@ -667,7 +672,7 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
                     facts[futures[future].name] = future.result()
                     bar.update(len(futures[future].items))
 
-    manifest = build_manifest(classes, tasks, facts)
+    manifest = build_manifest(classes, tasks, facts, box_sources)
     write_manifest(fs, root, manifest)
 
     seconds = time.perf_counter() - start
@@ -687,15 +692,20 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
 
 
 def box_totals(manifest: dict) -> dict[str, int]:
-    """The manifest's box counts summed over its splits ({} where it has no boxes)."""
+    """The manifest's box counts summed over its splits, and the boxes of the box files that
+    did not parse ({} where it has no boxes)."""
     totals: dict[str, int] = {}
     for split in manifest["splits"].values():
         for name, count in split.get("boxes", {}).items():
             totals[name] = totals.get(name, 0) + count
+    if "box_sources" in manifest:
+        totals["malformed"] = manifest["box_sources"]["malformed"]
     return totals
 
 
-def build_manifest(classes: list[dict], tasks: list[ShardTask], facts: dict[str, dict]) -> dict:
+def build_manifest(
+    classes: list[dict], tasks: list[ShardTask], facts: dict[str, dict], box_sources: dict
+) -> dict:
     splits: dict[str, dict] = {}
     rejected, converted, moments = [], 0, PixelMoments()
     for task in tasks:  # plan order, so a rerun writes the same bytes
@@ -726,4 +736,5 @@ def build_manifest(classes: list[dict], tasks: list[ShardTask], facts: dict[str,
         "rejected": sorted(rejected, key=lambda r: r["key"]),
         "converted": converted,
         "stats": moments.stats(),
+        **({"box_sources": box_sources} if box_sources else {}),
     }

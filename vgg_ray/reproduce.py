@@ -34,10 +34,11 @@ from vgg_ray.transforms import PAPER_CROP, PAPER_SCALE
 
 NETS = ("A", "A-LRN", "B", "C", "D", "E")
 SCALES = {"256": (256, 256), "384": (384, 384), "jitter": PAPER_SCALE}  # the paper's train S
-KINDS = ("train", "eval", "ensemble", "register")
+KINDS = ("train", "eval", "ensemble", "register", "localise")
 CHAIN_TAG = "vgg_ray.reproduce"
 STAGE_TAG = "vgg_ray.reproduce.stage"
 IMAGENET_TRAIN_IMAGES = 1_281_167
+IMAGENET_BOXED_TRAIN_IMAGES = 544_546  # the training images with boxes (LOC_train_solution.csv)
 # Training img/s of one H200 per net, eager bf16 at batch 128 (docs/benchmarks.md, 2026-11-23):
 # what --dry-run prices GPU-hours at.
 H200_IMAGES_PER_S = {"A": 5154, "A-LRN": 5154, "B": 3875, "C": 3661, "D": 3370, "E": 2965}
@@ -83,7 +84,12 @@ class Stage:
     """The paper's training scale, a key of SCALES (train and eval stages; the members' scale
     for the ensemble and register stages)."""
     init: str = ""
-    """Train stages: "scratch", "from-A" (the paper's copy of A's layers) or "finetune"."""
+    """Train stages: "scratch", "from-A" (the paper's copy of A's layers), "finetune", or
+    "localise" (a localisation net from the classifier of its scale, Appendix A)."""
+    regression: str = ""
+    """Localisation train stages: "scr" or "pcr" (Appendix A)."""
+    finetune: str = "all"
+    """Localisation train stages: "all" layers or "fc" only (Table 8)."""
 
     @property
     def in_table5(self) -> bool:
@@ -92,8 +98,9 @@ class Stage:
 
     @property
     def lr_factor(self) -> float:
-        """Multiplier on the base lr: the S = 384 and jittered nets fine-tune at lr / 10."""
-        return 0.1 if self.init == "finetune" else 1.0
+        """Multiplier on the base lr: the S = 384 and jittered nets fine-tune at lr / 10, and the
+        localisation nets train at it (Appendix A: 1e-3)."""
+        return 0.1 if self.init in ("finetune", "localise") else 1.0
 
 
 def _chain(nets: Sequence[str]) -> list[Stage]:
@@ -112,26 +119,54 @@ def _chain(nets: Sequence[str]) -> list[Stage]:
     return stages
 
 
-def plan(nets: Sequence[str] = NETS, stages: Sequence[str] = ()) -> list[Stage]:
+def _localisation_stages() -> list[Stage]:
+    """Appendix A: net D's localisation nets from the classifiers at S = 256 and 384 (PCR, all
+    layers: Table 9), the S = 384 variants of Table 8 (SCR and PCR, FC layers only), and their
+    evaluation (Tables 8 and 9, rated by the S = 384 classifier)."""
+    variants = [("256", "pcr", "all"), ("384", "pcr", "all"), ("384", "scr", "fc"),
+                ("384", "pcr", "fc")]  # fmt: skip
+    stages = [
+        Stage(name=f"loc-D-{scale}" + ("" if (regression, finetune) == ("pcr", "all")
+                                        else f"-{regression}-{finetune}"),
+              kind="train", arch="D", scale=scale, parents=(f"D-{scale}",), init="localise",
+              regression=regression, finetune=finetune)
+        for scale, regression, finetune in variants
+    ]  # fmt: skip
+    parents = (*(s.name for s in stages), "D-384")
+    return [*stages, Stage(name="localise", kind="localise", parents=parents, arch="D")]
+
+
+def plan(
+    nets: Sequence[str] = NETS, stages: Sequence[str] = (), *, localisation: bool = False
+) -> list[Stage]:
     """The stages to run for `nets`, narrowed by `stages`: training scales (256, 384, jitter),
-    kinds (train, eval, ensemble, register) or stage names; the stages these need come too."""
+    kinds (train, eval, ensemble, register, localise) or stage names; the stages these need
+    come too. `localisation`: Appendix A's stages as well (they need net D)."""
     unknown = [n for n in nets if n not in NETS]
     if unknown or not nets:
         raise ConfigError(f"unknown net(s) {', '.join(unknown) or '(none)'}; choose from "
                           f"{', '.join(NETS)}")  # fmt: skip
+    if localisation and "D" not in nets:
+        raise ConfigError("--localisation trains net D's localisation nets: add D to --nets")
     terms = set(stages)
     wanted_scales = terms & set(SCALES) or set(SCALES)
     wanted_kinds = terms & set(KINDS) or (set(KINDS) if not terms - set(SCALES) else set())
     everything = {s.name: s for s in _chain(["A", *nets])}  # every deep net needs net A
     trained = [s for s in everything.values() if s.arch in nets and s.scale in wanted_scales]
     graph = dict(everything)
+    if localisation:
+        located = _localisation_stages()
+        graph.update({s.name: s for s in located})
+        trained += [s for s in located if s.kind == "train" and s.scale in wanted_scales]
     for stage in trained:
+        if stage.regression:  # evaluated by the localise stage
+            continue
         graph[f"eval-{stage.name}"] = Stage(name=f"eval-{stage.name}", kind="eval",
                                             parents=(stage.name,), arch=stage.arch,
                                             scale=stage.scale)  # fmt: skip
     last = {}  # the latest-scale trained D and E: the ensemble's members
     for stage in trained:
-        if stage.arch in ("D", "E"):
+        if stage.arch in ("D", "E") and not stage.regression:
             last[stage.arch] = stage
     members = tuple(last[a].name for a in ("D", "E") if a in last)
     scale = last["D"].scale if "D" in last else ""
@@ -151,6 +186,8 @@ def plan(nets: Sequence[str] = NETS, stages: Sequence[str] = ()) -> list[Stage]:
     selected = {name for name in terms if name in graph}
     for stage in graph.values():
         in_scope = stage.kind != "train" or stage in trained
+        if stage.kind == "localise" and not wanted_scales >= {"256", "384"}:
+            in_scope = False  # its nets are at S = 256 and 384
         if stage.kind in wanted_kinds and in_scope and (stage.scale in wanted_scales
                                                         or not stage.scale):  # fmt: skip
             selected.add(stage.name)
@@ -190,6 +227,8 @@ class ReproduceConfig:
     """Evaluate only the val split's first N images (0: all)."""
     actors: int = 0
     """Evaluation actors (0: the evaluation's default)."""
+    localisation: bool = False
+    """Also Appendix A: net D's localisation nets at S = 256 and 384 and Tables 8 and 9."""
 
     def validate(self) -> ReproduceConfig:
         for name in ("max_concurrent", "max_images", "actors"):
@@ -216,6 +255,8 @@ def stage_config(config: ReproduceConfig, stage: Stage, init: str = "") -> Train
         lr=base.lr * stage.lr_factor,
         run_name=f"{config.chain_name}-{stage.name}",
         init=init or base.init,
+        regression=stage.regression,
+        finetune=stage.finetune,
     )
     return replace(base, **values)
 
@@ -415,11 +456,47 @@ def _run_register(config: ReproduceConfig, chain: Chain, stage: Stage, tracking_
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
+def _run_localise(config: ReproduceConfig, chain: Chain, stage: Stage, tracking_uri: str):
+    """Tables 8 and 9 (`vgg-ray localise`): protocol 1 for the three S = 384 nets, protocol 2
+    for the S = 256 and 384 PCR nets, alone, at Q = 352,384 and fused, rated by the S = 384
+    classifier; the tables logged to the stage's own run."""
+    from vgg_ray.localisation import LocaliseConfig, localise
+
+    best = {parent: _best_checkpoint(chain, parent) for parent in stage.parents}
+    output = default_home() / "reproduce" / config.chain_name / stage.name
+    common = dict(manifest=config.base.data.manifest, s3_endpoint=config.base.data.s3_endpoint,
+                  max_images=config.max_images, actors=config.actors,
+                  tracking_uri=tracking_uri, log_to_mlflow=False)  # fmt: skip
+    table8 = localise(LocaliseConfig(
+        models=(best["loc-D-384"], best["loc-D-384-scr-fc"], best["loc-D-384-pcr-fc"]),
+        protocols=(1,), output=str(output / "table8"), **common,
+    ))  # fmt: skip
+    low, high = (round(q * config.base.data.crop / 224) for q in (352, 384))
+    table9 = localise(LocaliseConfig(
+        models=(best["loc-D-256"], best["loc-D-384"]), classifier=best["D-384"], protocols=(2,),
+        scales=((low, high),), output=str(output / "table9"), **common,
+    ))  # fmt: skip
+    import mlflow.entities
+
+    client = chain.client
+    run = client.create_run(chain.experiment_id, run_name=f"{config.chain_name}-{stage.name}",
+                            tags=chain.tags(config.chain_name, stage))  # fmt: skip
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[
+        mlflow.entities.Metric(f"loc_error_{r['key']}", r["error"], now, 0)
+        for r in table8.rows + table9.rows
+    ])  # fmt: skip
+    client.log_artifacts(run.info.run_id, table8.output, "localisation")
+    client.log_artifacts(run.info.run_id, table9.output, "localisation")
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
 RUNNERS: dict[str, Callable] = {
     "train": _run_train,
     "eval": _run_evaluation,
     "ensemble": _run_evaluation,
     "register": _run_register,
+    "localise": _run_localise,
 }
 
 
@@ -484,28 +561,49 @@ def report_csv(rows: Sequence[ReportRow]) -> str:
     return buffer.getvalue()
 
 
+def localisation_report(chain: Chain) -> str:
+    """Tables 8 and 9 as the finished localise stage logged them; "" before it has run."""
+    if not chain.finished("localise"):
+        return ""
+    run_id = chain.runs["localise"].info.run_id
+    parts = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name in ("table8.md", "table9.md"):
+            path = chain.client.download_artifacts(run_id, f"localisation/{name}", directory)
+            parts.append(Path(path).read_text())
+    return "\n".join(parts)
+
+
 def _log_report(chain: Chain, rows: Sequence[ReportRow]) -> None:
     chain.client.log_text(chain.parent_id, report_markdown(rows), "report/report.md")
     chain.client.log_text(chain.parent_id, report_csv(rows), "report/report.csv")
+    if located := localisation_report(chain):
+        chain.client.log_text(chain.parent_id, located, "report/localisation.md")
 
 
 # --- dry run ---------------------------------------------------------------------------------
 
 
-def describe(config: ReproduceConfig, stages: Sequence[Stage], train_images: int) -> str:
-    """The plan as a table: stage, parents, settings, and GPU-hours on one H200."""
+def describe(
+    config: ReproduceConfig, stages: Sequence[Stage], train_images: int, boxed_images: int = 0
+) -> str:
+    """The plan as a table: stage, parents, settings, and GPU-hours on one H200 (a localisation
+    net trains on the `boxed_images` only)."""
     lines = ["| stage | after | net | train S | init | lr | epochs | H200 GPU-hours |",
              "|---|---|---|---|---|---:|---:|---:|"]  # fmt: skip
     total = 0.0
     for stage in stages:
         if stage.kind == "train":
             low, high = config.scale(stage.scale)
-            hours = config.base.epochs * train_images / H200_IMAGES_PER_S[stage.arch] / 3600
+            images = boxed_images if stage.regression else train_images
+            hours = config.base.epochs * images / H200_IMAGES_PER_S[stage.arch] / 3600
             total += hours
             init = {
                 "scratch": config.base.init,
                 "from-A": "net A's 4 convs + 3 FCs",
                 "finetune": "all layers",
+                "localise": f"classifier; {stage.regression.upper()}, "
+                + ("all layers" if stage.finetune == "all" else "FC layers"),
             }[stage.init]
             lines.append(f"| {stage.name} | {', '.join(stage.parents) or '-'} | {stage.arch} | "
                          f"{low if low == high else f'[{low};{high}]'} | {init} | "
@@ -514,7 +612,8 @@ def describe(config: ReproduceConfig, stages: Sequence[Stage], train_images: int
         else:
             lines.append(f"| {stage.name} | {', '.join(stage.parents)} | {stage.arch or '-'} | "
                          f"| | | | |")  # fmt: skip
-    paper = sum(74 * IMAGENET_TRAIN_IMAGES / H200_IMAGES_PER_S[s.arch] / 3600
+    epoch_images = {True: IMAGENET_BOXED_TRAIN_IMAGES, False: IMAGENET_TRAIN_IMAGES}
+    paper = sum(74 * epoch_images[bool(s.regression)] / H200_IMAGES_PER_S[s.arch] / 3600
                 for s in stages if s.kind == "train")  # fmt: skip
     lines.append(
         f"\n{len(stages)} stages. GPU-hours at full-size nets' 224 px training speed on one H200 "
@@ -556,12 +655,16 @@ def reproduce(config: ReproduceConfig) -> list[ReportRow]:
     from vgg_ray.manifest import load_manifest
     from vgg_ray.train_job import resolve
 
-    stages = plan(config.validate().nets, config.stages)
+    stages = plan(config.validate().nets, config.stages, localisation=config.localisation)
     base = resolve(config.base).validate()  # every stage names its own run
     config = replace(config, base=base)
+    manifest = load_manifest(base.data.manifest, s3_endpoint=base.data.s3_endpoint)
+    # Localisation needs boxes: a data set without them fails now, not after days of training.
+    boxed = manifest.rows("train", boxed=True) if config.localisation else 0
+    if config.localisation:
+        manifest.shards("val", boxed=True)
     if config.dry_run:
-        manifest = load_manifest(base.data.manifest, s3_endpoint=base.data.s3_endpoint)
-        print(describe(config, stages, manifest.rows("train")))
+        print(describe(config, stages, manifest.rows("train"), boxed))
         return []
     if config.resume:  # a chain that does not exist fails here, before Ray starts
         _open_chain(config, base.tracking_uri)
@@ -579,7 +682,7 @@ def reproduce(config: ReproduceConfig) -> list[ReportRow]:
         failed = _schedule(config, chain, stages, tracking_uri, concurrency)
         rows = report_rows(chain, stages)
         _log_report(chain, rows)
-        print(report_markdown(rows), flush=True)
+        print(report_markdown(rows) + localisation_report(chain), flush=True)
         status = "FAILED" if failed else "FINISHED"
         chain.client.set_terminated(chain.parent_id, status)
     if failed:
@@ -640,7 +743,7 @@ def _finish_stage(config: ReproduceConfig, chain: Chain, stages: Sequence[Stage]
         print(f"vgg-ray reproduce: stage {stage.name} failed: {error}", flush=True)
         return
     print(f"vgg-ray reproduce: stage {stage.name} done", flush=True)
-    if stage.kind in ("eval", "ensemble"):
+    if stage.kind in ("eval", "ensemble", "localise"):
         rows = report_rows(chain, stages)
         _log_report(chain, rows)
         print(report_markdown(rows), flush=True)

@@ -23,7 +23,7 @@ from vgg_ray.config import TrainConfig
 from vgg_ray.data import TRACE, SplitStream, trace
 from vgg_ray.errors import ConfigError
 from vgg_ray.manifest import load_manifest
-from vgg_ray.models import INITS, VGG, build_vgg, head_size, init_from_shallow
+from vgg_ray.models import INITS, VGG, build_vgg, head_size, init_box_head, init_from_shallow
 from vgg_ray.parallel import all_reduce, parallelize, unwrap
 from vgg_ray.schedules import build_schedule
 from vgg_ray.steps import Classification, evaluate_counts, objective, sgd, train_step
@@ -176,7 +176,9 @@ class Worker:
         else:
             if config.init.startswith(("models:/", "runs:/")):  # resolved in the run's store
                 use_store(config.tracking_uri)
-            initial_weights(model, config)
+            loaded = initial_weights(model, config)
+            if config.regression and not any(k.startswith(HEAD[:-1]) for k in loaded):
+                init_box_head(model)
         if config.finetune == "fc":  # Table 8: only FC1-FC3 learn; DDP skips frozen weights
             model.features.requires_grad_(False)
         self.model = parallelize(model, self.device, channels_last=self.channels_last,

@@ -269,6 +269,9 @@ def preflight(config: TrainConfig, *, resume: bool = False) -> tuple[TrainConfig
     check_reachable(config.tracking_uri)
     manifest = load_manifest(config.data.manifest, s3_endpoint=config.data.s3_endpoint)
     check_shards(manifest)
+    if config.regression:  # a localisation net trains and validates on the images with boxes
+        for split in ("train", "val"):
+            manifest.shards(split, boxed=True)
     if not resume:
         check_init(config, len(manifest.classes))
     _storage(config)

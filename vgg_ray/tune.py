@@ -180,6 +180,9 @@ class SearchConfig:
             raise ConfigError("PBT needs a population: num_samples must be >= 2")
         self.train.validate()
         self.space.validate(self.train)
+        if self.train.regression and "top" in self.metric:  # a localisation net has no top-k
+            raise ConfigError(f"a localisation net reports no {self.metric}: search with "
+                              "--metric val_loc_error (or val_loss)")  # fmt: skip
         return self
 
     def to_dict(self) -> dict[str, Any]:
