@@ -29,15 +29,17 @@ from vgg_ray.transforms import PAPER_SCALE
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """A dataclass's field docstrings (the string literal under each field), by field name:
-    the one place an option is described, read by the CLI for its --help."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """A dataclass's field docstrings (the string literal under each field), by field name,
+    its bases' too (a subclass's own win): the one place an option is described, read by the
+    CLI for its --help."""
     docs = {}
-    for field_node, doc in zip(body, body[1:], strict=False):
-        if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
-                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):  # fmt: skip
-            docs[field_node.target.id] = " ".join(str(doc.value.value).split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, doc in zip(body, body[1:], strict=False):
+            is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            if is_field and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(doc.value.value).split())
     return docs
 
 

@@ -48,7 +48,43 @@ from vgg_ray.transforms import PAPER_SCALE, ColorStats, decode_cpu, decode_gpu
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
+class Inference:
+    """Where a job that runs trained nets over images computes (evaluate, localise, features):
+    Ray Data's read tasks and actor pool (`batch_inference`)."""
+
+    actors: int = 0
+    """Inference actors; 0 = one per GPU of the cluster, else one per 2 CPUs."""
+    gpus_per_actor: float | None = None
+    """None: 1 when the cluster has GPUs, else 0 (CPU actors)."""
+    cpus_per_actor: float = 1.0
+    """Logical CPUs each inference actor holds."""
+    read_cpus: float = 0.5
+    """Logical CPUs of each reading task (they only read bytes)."""
+    batch_size: int = 32
+    """Images per Ray batch handed to an actor."""
+    max_crops: int = 64
+    """Inputs per forward pass (memory only; results do not depend on it)."""
+    bf16: bool | None = None
+    """bf16 autocast; None: on GPU actors."""
+
+    def inference_checks(self) -> list[tuple[bool, str]]:
+        """The (condition, message) pairs of these options, for `errors.require`."""
+        return [
+            (self.actors >= 0, "actors must be >= 0"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.max_crops >= 1, f"max crops must be >= 1, got {self.max_crops}"),
+            (self.cpus_per_actor > 0 and self.read_cpus > 0, "CPUs per actor/task must be > 0"),
+        ]
+
+    @property
+    def actor_options(self) -> dict[str, Any]:
+        """What every inference actor's constructor takes from these options."""
+        return {"max_crops": self.max_crops, "bf16": self.bf16,
+                "threads": max(1, int(self.cpus_per_actor))}  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(Inference):
     """One evaluation: which nets, on which data, under which protocols, on what compute."""
 
     models: tuple[str, ...] = ()
@@ -71,20 +107,6 @@ class EvaluateConfig:
     """Keep only these (mode, test scales) rows of modes x scales; () = every row."""
     max_images: int = 0
     """Evaluate only the split's first N images (0: all)."""
-    actors: int = 0
-    """Evaluation actors; 0 = one per GPU of the cluster, else one per 2 CPUs."""
-    gpus_per_actor: float | None = None
-    """None: 1 when the cluster has GPUs, else 0 (CPU actors)."""
-    cpus_per_actor: float = 1.0
-    """Logical CPUs each evaluation actor holds."""
-    read_cpus: float = 0.5
-    """Logical CPUs of each shard-reading task (they only read bytes)."""
-    batch_size: int = 32
-    """Images per Ray batch handed to an actor."""
-    max_crops: int = 64
-    """Inputs per forward pass (memory only; results do not depend on it)."""
-    bf16: bool | None = None
-    """bf16 autocast; None: on GPU actors."""
     tracking_uri: str = ""
     """MLflow; "" = MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""
     experiment: str = "vgg-ray"
@@ -105,10 +127,7 @@ class EvaluateConfig:
             (all(s and all(q >= 1 for q in s) for s in self.scales),
              f"test scales must be positive integers, got {self.scales}"),
             (self.max_images >= 0, "max_images must be >= 0"),
-            (self.actors >= 0, "actors must be >= 0"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.max_crops >= 1, f"max crops must be >= 1, got {self.max_crops}"),
-            (self.cpus_per_actor > 0 and self.read_cpus > 0, "CPUs per actor/task must be > 0"),
+            *self.inference_checks(),
             (self.progress_every >= 1, "progress_every must be >= 1"),
         ]  # fmt: skip
         require(checks)
@@ -381,24 +400,23 @@ def batch_inference(
     read_kwargs: dict[str, Any],
     actor: type,
     actor_kwargs: dict[str, Any],
-    *,
-    actors: int,
-    gpus: float,
-    cpus_per_actor: float,
-    read_cpus: float,
-    batch_size: int,
+    options: Inference,
+    pool: tuple[int, float],
 ) -> Iterator[dict[str, np.ndarray]]:
     """The batch-inference pipeline of every job that runs trained nets over images (evaluate,
     localise, features): `items`, one read task each, -> `read` (CPU tasks) -> a pool of
-    `actors` `actor`s (`gpus` each) -> numpy batches, in no fixed order."""
+    `actor`s (`pool`: how many, GPUs each; `actor_pool`), built with `actor_kwargs` and the
+    `options`' actor options -> numpy batches, in no fixed order."""
     import ray
     import ray.data
 
+    actors, gpus = pool
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read, batch_size=1, num_cpus=read_cpus, fn_kwargs=read_kwargs,
+        read, batch_size=1, num_cpus=options.read_cpus, fn_kwargs=read_kwargs,
     ).map_batches(
-        actor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus, num_cpus=cpus_per_actor, fn_constructor_kwargs=actor_kwargs,
+        actor, batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus, num_cpus=options.cpus_per_actor,
+        fn_constructor_kwargs={**actor_kwargs, **options.actor_options},
     )  # fmt: skip
     dataset.context.enable_progress_bars = False
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
@@ -432,18 +450,14 @@ def run_inference(
     from vgg_ray import runtime
 
     runtime.connect()
-    actors, gpus = actor_pool(config.actors, config.gpus_per_actor)
+    actors, gpus = pool = actor_pool(config.actors, config.gpus_per_actor)
     pieces = _pieces(manifest, config.split, config.max_images)
     total = sum(p["stop"] - p["start"] for p in pieces)
     print(f"vgg-ray evaluate: {total} images of split {config.split!r}, {len(rows)} protocol(s), "
           f"{actors} actor(s) with {gpus} GPU each", flush=True)  # fmt: skip
-    batches = batch_inference(
-        pieces, read_records, read_kwargs(manifest), EvalActor,
-        {"nets_ref": [ray.put(nets)], "rows": rows, "max_crops": config.max_crops,
-         "bf16": config.bf16, "threads": max(1, int(config.cpus_per_actor))},
-        actors=actors, gpus=gpus, cpus_per_actor=config.cpus_per_actor,
-        read_cpus=config.read_cpus, batch_size=config.batch_size,
-    )  # fmt: skip
+    actor_kwargs = {"nets_ref": [ray.put(nets)], "rows": rows}
+    batches = batch_inference(pieces, read_records, read_kwargs(manifest), EvalActor,
+                              actor_kwargs, config, pool)  # fmt: skip
     tally = Tally(len(rows), len(manifest.classes))
     per_image: dict[str, np.ndarray] = {}
     skipped = 0

@@ -41,6 +41,7 @@ import torch
 from vgg_ray import storage
 from vgg_ray.errors import ConfigError, require, user_error
 from vgg_ray.evaluate_job import (
+    Inference,
     LoadedNet,
     Progress,
     actor_device,
@@ -66,7 +67,7 @@ METADATA_KEY = b"vgg_ray"  # a shard's own record: images planned, what was skip
 
 
 @dataclass(frozen=True, kw_only=True)
-class FeaturesConfig:
+class FeaturesConfig(Inference):
     """One extraction: which nets, which images, which descriptor, where to."""
 
     models: tuple[str, ...] = ()
@@ -90,20 +91,10 @@ class FeaturesConfig:
     """Images per output shard: the unit a rerun resumes at."""
     max_images: int = 0
     """Describe only the first N images in the source's order (0: all)."""
-    actors: int = 0
-    """Inference actors; 0 = one per GPU of the cluster, else one per 2 CPUs."""
-    gpus_per_actor: float | None = None
-    """None: 1 when the cluster has GPUs, else 0 (CPU actors)."""
-    cpus_per_actor: float = 1.0
-    """Logical CPUs each inference actor holds."""
-    read_cpus: float = 0.5
-    """Logical CPUs of each reading task."""
     batch_size: int = 16
     """Images per Ray batch handed to an actor."""
     max_crops: int = 16
     """Images per forward pass (memory only; descriptors do not depend on it)."""
-    bf16: bool | None = None
-    """bf16 autocast; None: on GPU actors."""
     s3_endpoint: str | None = None
     """For images, models or output on S3; default AWS_ENDPOINT_URL(_S3) or AWS."""
     tracking_uri: str = ""
@@ -122,9 +113,7 @@ class FeaturesConfig:
             (all(q >= 1 for q in self.scales), f"scales must be positive, got {self.scales}"),
             (self.shard_size >= 1, f"shard size must be >= 1, got {self.shard_size}"),
             (self.max_images >= 0, "max_images must be >= 0"),
-            (self.actors >= 0, "actors must be >= 0"),
-            (self.batch_size >= 1 and self.max_crops >= 1, "batch size and max crops must be >= 1"),
-            (self.cpus_per_actor > 0 and self.read_cpus > 0, "CPUs per actor/task must be > 0"),
+            *self.inference_checks(),
             (self.progress_every >= 1, "progress_every must be >= 1"),
         ]  # fmt: skip
         require(checks)
@@ -530,15 +519,12 @@ def _run(config: FeaturesConfig, nets: list[LoadedNet], source: Source, todo: li
     from vgg_ray import runtime
 
     runtime.connect()
-    actors, gpus = actor_pool(config.actors, config.gpus_per_actor)
+    pool = actor_pool(config.actors, config.gpus_per_actor)
     reader = read_shard_images if source.kind == "shards" else read_folder_images
     batches = batch_inference(
         todo, reader, source.read_kwargs, FeatureActor,
-        {"nets_ref": [ray.put(nets)], "scales": config.scales, "aggregate": config.aggregate,
-         "max_crops": config.max_crops, "bf16": config.bf16,
-         "threads": max(1, int(config.cpus_per_actor))},
-        actors=actors, gpus=gpus, cpus_per_actor=config.cpus_per_actor,
-        read_cpus=config.read_cpus, batch_size=config.batch_size,
+        {"nets_ref": [ray.put(nets)], "scales": config.scales, "aggregate": config.aggregate},
+        config, pool,
     )  # fmt: skip
     pending: dict[int, list[dict]] = {task["shard"]: [] for task in todo}
     written = []

@@ -40,6 +40,7 @@ from vgg_ray.data import read_records
 from vgg_ray.errors import ConfigError, require, user_error
 from vgg_ray.evaluate import STRIDE, NetInfo, NetScorer, single_scale
 from vgg_ray.evaluate_job import (
+    Inference,
     LoadedNet,
     Progress,
     _client,
@@ -68,7 +69,7 @@ PAPER_TABLE9 = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocaliseConfig:
+class LocaliseConfig(Inference):
     """One localisation evaluation: which nets, on which data, under which protocols."""
 
     models: tuple[str, ...] = ()
@@ -91,20 +92,8 @@ class LocaliseConfig:
     """For data or checkpoints on S3; default AWS_ENDPOINT_URL(_S3) or AWS."""
     max_images: int = 0
     """Evaluate only the split's first N images with boxes (0: all)."""
-    actors: int = 0
-    """Inference actors; 0 = one per GPU of the cluster, else one per 2 CPUs."""
-    gpus_per_actor: float | None = None
-    """None: 1 when the cluster has GPUs, else 0 (CPU actors)."""
-    cpus_per_actor: float = 1.0
-    """Logical CPUs each actor holds."""
-    read_cpus: float = 0.5
-    """Logical CPUs of each shard-reading task."""
     batch_size: int = 16
-    """Images per Ray batch handed to an actor."""
-    max_crops: int = 64
-    """Inputs per forward pass (memory only)."""
-    bf16: bool | None = None
-    """bf16 autocast; None: on GPU actors."""
+    """Images per Ray batch handed to an actor (each is rated under every row)."""
     tracking_uri: str = ""
     """MLflow; "" = MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""
     experiment: str = "vgg-ray"
@@ -126,10 +115,7 @@ class LocaliseConfig:
             (all(qs and all(q >= 1 for q in qs) for qs in self.scales),
              f"test scales must be >= 1, got {self.scales}"),
             (self.max_images >= 0, "max_images must be >= 0"),
-            (self.actors >= 0, "actors must be >= 0"),
-            (self.batch_size >= 1 and self.max_crops >= 1, "batch size and max crops must be "
-             ">= 1"),
-            (self.cpus_per_actor > 0 and self.read_cpus > 0, "CPUs per actor/task must be > 0"),
+            *self.inference_checks(),
             (self.progress_every >= 1, "progress_every must be >= 1"),
         ]  # fmt: skip
         require(checks)
@@ -437,18 +423,14 @@ def _run(config: LocaliseConfig, nets: list[LoadedNet], classifier: LoadedNet | 
     from vgg_ray import runtime
 
     runtime.connect()
-    actors, gpus = actor_pool(config.actors, config.gpus_per_actor)
+    actors, gpus = pool = actor_pool(config.actors, config.gpus_per_actor)
     pieces = _pieces(manifest, config.split, config.max_images, boxed=True)
     total = sum(p["stop"] - p["start"] for p in pieces)
     print(f"vgg-ray localise: {total} images with boxes of split {config.split!r}, {len(rows)} "
           f"row(s), {actors} actor(s) with {gpus} GPU each", flush=True)  # fmt: skip
-    batches = batch_inference(
-        pieces, read_records, read_kwargs(manifest, boxes=True), LocaliseActor,
-        {"nets_ref": [ray.put((nets, classifier))], "rows": rows, "max_crops": config.max_crops,
-         "bf16": config.bf16, "threads": max(1, int(config.cpus_per_actor))},
-        actors=actors, gpus=gpus, cpus_per_actor=config.cpus_per_actor,
-        read_cpus=config.read_cpus, batch_size=config.batch_size,
-    )  # fmt: skip
+    batches = batch_inference(pieces, read_records, read_kwargs(manifest, boxes=True),
+                              LocaliseActor, {"nets_ref": [ray.put((nets, classifier))],
+                                              "rows": rows}, config, pool)  # fmt: skip
     right, skipped, per_image, whole = np.zeros(len(rows), np.int64), 0, {}, 0
     progress = Progress("localise", total, config.progress_every)
     for batch in batches:
