@@ -279,7 +279,8 @@ def test_shard_not_matching_its_checksum_is_named(manifest, tmp_path, capsys):
     assert main(["verify", str(root)]) == 0
     shard = loaded.shards("train")[0].path
     data = bytearray((root / shard).read_bytes())
-    data[len(data) // 3] ^= 0xFF  # one flipped byte inside a data page: same size
+    image = pq.ParquetFile(root / shard).metadata.row_group(0).column(0)  # the JPEG bytes
+    data[image.data_page_offset + image.total_compressed_size // 2] ^= 0xFF  # same size
     (root / shard).write_bytes(bytes(data))
     assert verify_shards(loaded) == [f"{shard}: sha256 does not match the manifest"]
     capsys.readouterr()
