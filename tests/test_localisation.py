@@ -361,3 +361,47 @@ def test_bad_localisation_input_is_one_line_and_exit_2_before_any_work(tmp_path,
         err = capsys.readouterr().err.strip()
         assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "tables").exists()
+
+
+def test_the_chains_localise_stage_writes_tables_8_and_9_to_its_run_and_the_report(
+    ray_cluster, tmp_path, sqlite_uri
+):
+    """`reproduce --localisation`'s last stage on a chain whose training stages are done (their
+    runs in MLflow, tagged as the chain tags them, with checkpoints of narrow nets)."""
+    from vgg_ray.config import demo
+    from vgg_ray.reproduce import (
+        STAGE_TAG,
+        ReproduceConfig,
+        _open_chain,
+        _run_localise,
+        localisation_report,
+        plan,
+    )
+
+    tree = _tree(tmp_path / "tree", classes=2, train_per_class=4, val_per_class=3)
+    files = (str(tree / "LOC_train_solution.csv"), str(tree / "LOC_val_solution.csv"))
+    manifest = _prepare(tree, tmp_path / "shards", files).manifest
+    base = demo("A", tracking_uri=sqlite_uri).merged({}, {"manifest": manifest})
+    config = ReproduceConfig(base=base, name="chain", localisation=True)
+    stage = {s.name: s for s in plan(localisation=True)}["localise"]
+    chain = _open_chain(config, sqlite_uri)
+    for parent in stage.parents:
+        regression = {"D-384": ""}.get(parent, "scr" if "scr" in parent else "pcr")
+        finetune = "fc" if parent.endswith("-fc") else "all"
+        checkpoint = _checkpoint(tmp_path / parent, "D", manifest, regression=regression,
+                                 finetune=finetune)  # fmt: skip
+        tags = {**chain.tags("chain", stage), STAGE_TAG: parent, "best_checkpoint": checkpoint}
+        run = chain.client.create_run(chain.experiment_id, run_name=parent, tags=tags)
+        chain.client.set_terminated(run.info.run_id, "FINISHED")
+    chain.refresh("chain")
+    _run_localise(config, chain, stage, sqlite_uri)
+    chain.refresh("chain")
+    assert chain.finished("localise")
+    report = localisation_report(chain)
+    assert "GT class localisation error" in report and "top-5 localisation error" in report
+    assert report.count("| FC1-FC2 |") == 2  # Table 8: SCR and PCR, FC layers only
+    assert "fusion D+D#2" in report  # Table 9: the 256 and 384 nets fused
+    metrics = chain.client.get_run(chain.runs["localise"].info.run_id).data.metrics
+    assert len([m for m in metrics if m.startswith("loc_error_p1_")]) == 3
+    # Table 9: each net at Q = S, each at the demo's 352,384 (50, 55), and the two fusions.
+    assert len([m for m in metrics if m.startswith("loc_error_p2_")]) == 6

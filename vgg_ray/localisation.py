@@ -135,11 +135,13 @@ class Row:
     scales: tuple[tuple[int, ...], ...]  # each member's test scales Q
 
     def key(self, infos: list[NetInfo]) -> str:
-        """A metric-name-safe id, e.g. "p2_D-pcr-all-S384_Q352-384"."""
+        """A metric-name-safe id, e.g. "p2_D-pcr-all-S384_Q352-384", or for a fusion
+        "p2_fusion_D-pcr-all-S256_Q256__Dn2-pcr-all-S384_Q384"."""
         parts = [f"{infos[i].name}-{infos[i].regression}-{infos[i].finetune}-S"
                  f"{infos[i].train_scale[0]}_Q{'-'.join(map(str, q))}"
                  for i, q in zip(self.members, self.scales, strict=True)]  # fmt: skip
-        return f"p{self.protocol}_" + "+".join(parts).replace("#", "n")
+        fused = "fusion_" if len(parts) > 1 else ""  # MLflow's metric names allow no "+"
+        return f"p{self.protocol}_{fused}" + "__".join(parts).replace("#", "n")
 
 
 def plan_rows(infos: list[NetInfo], config: LocaliseConfig) -> list[Row]:

@@ -486,8 +486,8 @@ def _run_localise(config: ReproduceConfig, chain: Chain, stage: Stage, tracking_
         mlflow.entities.Metric(f"loc_error_{r['key']}", r["error"], now, 0)
         for r in table8.rows + table9.rows
     ])  # fmt: skip
-    client.log_artifacts(run.info.run_id, table8.output, "localisation")
-    client.log_artifacts(run.info.run_id, table9.output, "localisation")
+    client.log_artifacts(run.info.run_id, table8.output, "localisation/table8")
+    client.log_artifacts(run.info.run_id, table9.output, "localisation/table9")
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
@@ -568,8 +568,9 @@ def localisation_report(chain: Chain) -> str:
     run_id = chain.runs["localise"].info.run_id
     parts = []
     with tempfile.TemporaryDirectory() as directory:
-        for name in ("table8.md", "table9.md"):
-            path = chain.client.download_artifacts(run_id, f"localisation/{name}", directory)
+        for table in ("table8", "table9"):
+            path = chain.client.download_artifacts(run_id, f"localisation/{table}/{table}.md",
+                                                   directory)  # fmt: skip
             parts.append(Path(path).read_text())
     return "\n".join(parts)
 
