@@ -155,8 +155,9 @@ def test_a_box_moves_with_its_pixels_through_crop_rescale_and_flip(scale):
             boxes = np.empty(1, dtype=object)
             boxes[0] = np.array([[0, *truth]], np.float32)
             rows = {"index": np.array([index]), "label": np.array([0]), "boxes": boxes}
-            target = box_targets(preset, [image], rows, [0], epoch=0)[0]
-            pixels = preset.prepare([image], epoch=0, indices=[index]).pixels[0, 0].numpy()
+            prepared = preset.prepare([image], epoch=0, indices=[index])
+            target = box_targets(prepared.windows, rows, [0], preset.crop)[0]
+            pixels = prepared.pixels[0, 0].numpy()
             if np.isnan(target).any():  # the rectangle shows nowhere in this crop
                 assert pixels.max() < 128
                 continue

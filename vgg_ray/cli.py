@@ -738,14 +738,21 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
         help="test scales, e.g. 256,384,512; repeatable; default: the paper's per net")  # fmt: skip
     add("--no-members", dest="members", action="store_false", default=None,
         help="with several models, only the ensemble's rows")  # fmt: skip
-    _actor_options(add)
-    _s3_option(add)
-    _tracking_option(add)
-    add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None,
-        help="log nothing to MLflow; the tables are written to --output only")  # fmt: skip
+    _inference_options(add, tables=True)
     from vgg_ray.evaluate_job import EvaluateConfig
 
     add_field_options(parser, EvaluateConfig)
+
+
+def _inference_options(add: Callable, *, tables: bool = False) -> None:
+    """What every job that runs nets over images takes (evaluate, localise, features): the
+    actor pool, S3, MLflow; with `tables`, --no-mlflow for the tables it logs."""
+    _actor_options(add)
+    _s3_option(add)
+    _tracking_option(add)
+    if tables:
+        add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None,
+            help="log nothing to MLflow; the tables are written to --output only")  # fmt: skip
 
 
 def _localise_options(parser: argparse.ArgumentParser) -> None:
@@ -761,11 +768,7 @@ def _localise_options(parser: argparse.ArgumentParser) -> None:
     add("--scales", action="append", type=_scale_set, metavar="Q[,Q...]",
         help="protocol 2: rows at these test scales too, e.g. 352,384 (besides each net's S); "
         "repeatable")  # fmt: skip
-    _actor_options(add)
-    _s3_option(add)
-    _tracking_option(add)
-    add("--no-mlflow", dest="log_to_mlflow", action="store_false", default=None,
-        help="log nothing to MLflow; the tables are written to --output only")  # fmt: skip
+    _inference_options(add, tables=True)
     from vgg_ray.localisation import LocaliseConfig
 
     add_field_options(parser, LocaliseConfig)
@@ -780,9 +783,7 @@ def _features_options(parser: argparse.ArgumentParser) -> None:
         help="scales Q, e.g. 256,384,512 (default: these, scaled to the net's crop)")  # fmt: skip
     add("--aggregate", choices=list(FEATURE_AGGREGATES))
     add("--shard-size", type=_at_least_one)
-    _actor_options(add)
-    _s3_option(add)
-    _tracking_option(add)
+    _inference_options(add)
     from vgg_ray.features_job import FeaturesConfig
 
     add_field_options(parser, FeaturesConfig)

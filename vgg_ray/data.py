@@ -38,7 +38,7 @@ import functools
 import math
 import os
 import pickle
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,7 @@ from vgg_ray.transforms import (
     EvalPreset,
     Prepared,
     TrainingPreset,
+    Window,
     decode_cpu,
     decode_gpu,
     to_float,
@@ -367,18 +368,12 @@ def _raw_rows(table: pa.Table, index: np.ndarray, classes: int) -> dict[str, np.
 
 
 def box_targets(
-    preset: TrainingPreset | EvalPreset,
-    images: list[torch.Tensor],
-    rows: dict[str, np.ndarray],
-    good: list[int],
-    epoch: int,
+    windows: Sequence[Window], rows: dict[str, np.ndarray], good: list[int], crop: int
 ) -> np.ndarray:
-    """float32 (len(good), 4): each decoded image's box target in its crop (NaN: none shows),
-    the crop being the one `preset` makes of it (the same draws as its pixels)."""
-    sizes = [tuple(image.shape[-2:]) for image in images]
-    windows = preset.windows(sizes, epoch=epoch, indices=rows["index"][good].tolist())
+    """float32 (len(good), 4): the box target of each row of `good` in its crop (NaN: none
+    shows), `windows` being the crops a preset made of them (`Prepared.windows`)."""
     return np.array(
-        [crop_target(rows["boxes"][i], int(rows["label"][i]), window, preset.crop)
+        [crop_target(rows["boxes"][i], int(rows["label"][i]), window, crop)
          for i, window in zip(good, windows, strict=True)], np.float32,
     ).reshape(-1, 4)  # fmt: skip
 
@@ -410,8 +405,7 @@ def _decoded(rows: dict[str, np.ndarray], spec: _ReadSpec) -> dict[str, np.ndarr
            "key": key}  # fmt: skip
     if spec.boxes:
         out["target"] = np.full((len(data), 4), np.nan, np.float32)
-        out["target"][good] = box_targets(spec.preset, [images[i] for i in good], rows, good,
-                                          spec.epoch)  # fmt: skip
+        out["target"][good] = box_targets(prepared.windows, rows, good, crop)
     return out
 
 
@@ -649,13 +643,13 @@ class SplitStream:
         if self.config.decode == "gpu":
             images = decode_gpu(list(batch["image"]), self.device)
             good = [i for i, image in enumerate(images) if image is not None and labels[i] >= 0]
-            decoded = [images[i] for i in good]
             prepared = self.preset.prepare(
-                decoded, epoch=self.epoch, indices=batch["index"][good].tolist()
+                [images[i] for i in good], epoch=self.epoch, indices=batch["index"][good].tolist()
             )
             if self.boxes:
                 batch["target"] = np.full((len(labels), 4), np.nan, np.float32)
-                batch["target"][good] = box_targets(self.preset, decoded, batch, good, self.epoch)
+                batch["target"][good] = box_targets(prepared.windows, batch, good,
+                                                    self.preset.crop)  # fmt: skip
         else:
             good = np.flatnonzero(labels >= 0).tolist()
             pixels = torch.from_numpy(batch["pixels"][good])

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ from vgg_ray.evaluate import (
 from vgg_ray.manifest import Manifest, check_shards, load_manifest, shard_sizes
 from vgg_ray.models import VGG, vgg_for_state_dict
 from vgg_ray.transforms import PAPER_SCALE, ColorStats, decode_cpu, decode_gpu
+
+JobConfig = TypeVar("JobConfig")  # a job's config: a dataclass with tracking_uri and output
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -553,14 +555,13 @@ def _log_mlflow(config: EvaluateConfig, nets: list[LoadedNet], tally: Tally,
     return notes
 
 
-def resolve(config: EvaluateConfig) -> EvaluateConfig:
-    """Fill the embedded defaults: tracking URI and output folder."""
+def resolve(config: JobConfig, folder: str = "evaluations") -> JobConfig:
+    """`config` (a job's, with `tracking_uri` and `output`) with the embedded defaults filled:
+    the tracking URI, and the output folder <home>/<folder>/<time>."""
     from vgg_ray.config import default_home
     from vgg_ray.tracking import resolve_uri
 
-    output = config.output or str(
-        default_home() / "evaluations" / f"{datetime.now():%Y%m%d-%H%M%S}"
-    )
+    output = config.output or str(default_home() / folder / f"{datetime.now():%Y%m%d-%H%M%S}")
     return dataclasses.replace(config, tracking_uri=resolve_uri(config.tracking_uri), output=output)
 
 

@@ -28,7 +28,6 @@ import io
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +51,7 @@ from vgg_ray.evaluate_job import (
     decode_on,
     load_net,
     read_kwargs,
+    resolve,
 )
 from vgg_ray.manifest import Manifest, check_shards, load_manifest
 from vgg_ray.transforms import EvalPreset
@@ -191,11 +191,10 @@ class Localiser:
         image's pixels."""
         scorer = self.nets[net]
         crop = scorer.info.crop
-        preset = EvalPreset(scale=q, crop=crop)
-        output = scorer.outputs(preset.prepare([image]).pixels)[0].view(-1, 4)
+        prepared = EvalPreset(scale=q, crop=crop).prepare([image])
+        output = scorer.outputs(prepared.pixels)[0].view(-1, 4)
         target = output[label if scorer.info.regression == "pcr" else 0].cpu().numpy()
-        window = preset.windows([tuple(image.shape[-2:])])[0]
-        return B.out_of_window(B.from_target(target, crop), window, crop)[0]
+        return B.out_of_window(B.from_target(target, crop), prepared.windows[0], crop)[0]
 
     def top5(
         self, image: torch.Tensor, members: tuple[int, ...], scales: tuple[tuple[int, ...], ...]
@@ -478,21 +477,10 @@ def _log_mlflow(config: LocaliseConfig, nets: list[LoadedNet], classifier: Loade
     return run_id
 
 
-def resolve(config: LocaliseConfig) -> LocaliseConfig:
-    """Fill the embedded defaults: tracking URI and output folder."""
-    from vgg_ray.config import default_home
-    from vgg_ray.tracking import resolve_uri
-
-    output = config.output or str(
-        default_home() / "localisation" / f"{datetime.now():%Y%m%d-%H%M%S}"
-    )
-    return dataclasses.replace(config, tracking_uri=resolve_uri(config.tracking_uri), output=output)
-
-
 def localise(config: LocaliseConfig) -> LocalisationResult:
     """The whole job: load and check the nets, run the protocols over the split's boxed images,
     write and log Tables 8 and 9. What `vgg-ray localise` and jobs/evaluate_localisation.py call."""
-    config = resolve(config).validate()
+    config = resolve(config, "localisation").validate()
     if config.tracking_uri.startswith("sqlite:///"):
         Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
             parents=True, exist_ok=True

@@ -18,6 +18,7 @@ a final name.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -56,7 +57,8 @@ SHARD_SCHEMA = pa.schema(
         ("height", pa.int32()),  # decoded size, pixels
         ("width", pa.int32()),
         # Appendix A: the objects' boxes in pixels of the stored image (`vgg_ray.boxes`' frame);
-        # empty where the source has none. Older shards lack the column: readers allow that.
+        # empty where the source has none. Shards written before it lack the column: readers
+        # ask for it only in shards with boxes, which always have it.
         (
             "boxes",
             pa.list_(
@@ -393,7 +395,7 @@ def attach_boxes(
             raw = found.boxes.get(_stem(item.key), ())
             matched += bool(raw)
             boxes = tuple((index.get(wnid, -1), *box) for wnid, *box in raw)
-            with_boxes.append(Item(item.key, item.label, item.size, boxes))
+            with_boxes.append(dataclasses.replace(item, boxes=boxes))
         splits[split] = with_boxes
     if config.boxes and not matched:
         raise ConfigError(f"no box in {', '.join(config.boxes)} names an image of {config.src} "

@@ -76,6 +76,9 @@ class Prepared(NamedTuple):
     """float32 (N, 3): per-image, per-channel multiplier."""
     bias: torch.Tensor
     """float32 (N, 3): per-image, per-channel offset (colour shift and mean, normalised)."""
+    windows: tuple[Window, ...] = ()
+    """Each image's crop as a window of the decoded image (training: its rescale, random
+    position and flip; evaluation: its centre crop): how its boxes move (Appendix A)."""
 
 
 class Draws(NamedTuple):
@@ -190,7 +193,7 @@ def to_float(prepared: Prepared, dtype: torch.dtype = torch.float32):
     """The net's input from a prepared batch: pixel * gain + bias per channel (computed in float32,
     then cast: bf16 on the GPU if asked). A tensor (N, 3, crop, crop), or a list in `whole`
     mode."""
-    pixels, gain, bias = prepared
+    pixels, gain, bias = prepared.pixels, prepared.gain, prepared.bias
     if isinstance(pixels, list):
         return [
             p.float()
@@ -267,15 +270,8 @@ class TrainingPreset:
         eigvec = torch.tensor(self.stats.eigvec, dtype=torch.float64)  # column i is p_i
         return (torch.from_numpy(alpha) * eigval @ eigvec.T).float()
 
-    def windows(
-        self, sizes: Sequence[tuple[int, int]], *, epoch: int, indices: Sequence[int]
-    ) -> list[Window]:
-        """Each image's crop (rescale, crop position, flip) from its (h, w) and its draws."""
-        if len(sizes) != len(indices):
-            raise ValueError(f"{len(sizes)} images but {len(indices)} row indices")
-        return self._windows(sizes, self.draw(indices, epoch=epoch))
-
     def _windows(self, sizes: Sequence[tuple[int, int]], draws: Draws) -> list[Window]:
+        """Each image's crop (rescale, crop position, flip) from its (h, w) and its draws."""
         windows = []
         for (height, width), short_side, u_top, u_left, flip in zip(
             sizes, draws.scale, draws.top, draws.left, draws.flip, strict=True
@@ -305,7 +301,7 @@ class TrainingPreset:
         pixels = torch.stack(crops) if crops else torch.empty(0, 3, self.crop, self.crop,
                                                                dtype=torch.uint8)  # fmt: skip
         gain, bias = _affine(self.color_shift(draws.alpha), self.stats, self.normalize)
-        return Prepared(pixels, gain, bias)
+        return Prepared(pixels, gain, bias, tuple(windows))
 
     def __call__(self, images, *, epoch: int, indices: Sequence[int], dtype=torch.float32):
         """uint8 (3, h, w) images -> the net's input, (N, 3, crop, crop) of `dtype`."""
@@ -333,7 +329,7 @@ class EvalPreset:
             raise ConfigError(f"crop {self.crop} is larger than the eval scale Q = {self.scale}")
         _check_common(self.crop, self.normalize)
 
-    def windows(self, sizes: Sequence[tuple[int, int]], **_) -> list[Window]:
+    def _windows(self, sizes: Sequence[tuple[int, int]]) -> list[Window]:
         """Each image's centre crop of its Q-rescaled self, as a window of the decoded image
         (the whole image in `whole` mode)."""
         windows = []
@@ -354,8 +350,10 @@ class EvalPreset:
         `epoch` and `indices` are accepted only to match `TrainingPreset.prepare`)."""
         n = len(images)
         gain, bias = _affine(torch.zeros(n, 3), self.stats, self.normalize)
+        windows = tuple(self._windows([tuple(image.shape[-2:]) for image in images]))
         if self.crop is None:
-            return Prepared([F.resize(i, [self.scale], antialias=True) for i in images], gain, bias)
+            return Prepared([F.resize(i, [self.scale], antialias=True) for i in images], gain, bias,
+                            windows)  # fmt: skip
         # The literal recipe here (whole-image rescale, then crop), not training's crop-first
         # shortcut: test-time numbers are compared with published ones; evaluation is cheap.
         crops = [
@@ -364,7 +362,7 @@ class EvalPreset:
         ]
         pixels = torch.stack(crops) if crops else torch.empty(0, 3, self.crop, self.crop,
                                                                dtype=torch.uint8)  # fmt: skip
-        return Prepared(pixels, gain, bias)
+        return Prepared(pixels, gain, bias, windows)
 
     def __call__(self, images, *, epoch: int = 0, indices=None, dtype=torch.float32):
         """uint8 (3, h, w) images -> the net's input (a list of tensors in `whole` mode)."""
