@@ -144,7 +144,10 @@ def test_an_elastic_run_loses_a_node_grows_back_and_is_preempted_training_each_i
         events.append("grown")
         # A spot node's shutdown: a SIGTERM to its training worker, which Ray knows nothing of.
         reclaimed = _training_nodes(cluster)[-1]
-        os.kill(_training_worker_pid(reclaimed), signal.SIGTERM)
+        pid = _training_worker_pid(reclaimed)
+        while time.monotonic() < deadline and not (trace / f"trained-{pid}.log").exists():
+            time.sleep(0.05)  # in its training loop (a SIGTERM while it starts is not caught)
+        os.kill(pid, signal.SIGTERM)
         events.append("sigterm")
         run = Path(config.storage_path) / config.run_name
         while time.monotonic() < deadline and not any(run.glob("*-preempted/state.sha256")):
