@@ -200,6 +200,11 @@ class TrainConfig:
     max_preemptions: int = -1
     """Preemptions (a node reclaimed, as spot capacity is) recovered from, counted apart from
     `max_failures`; -1: no limit."""
+    sigterm_notice_s: float = 30.0
+    """A SIGTERM to a training worker (what a spot node's shutdown sends, often with no notice
+    Ray has heard of) is taken as its node's preemption: the run checkpoints at the next step
+    boundary polled and restarts without that node this many seconds later, or when it goes
+    (counted against `max_preemptions`)."""
     elastic_check_s: float = 60.0
     """How often an elastic run looks for returned capacity to grow back into (through its
     latest checkpoint: checkpoint often enough that a regrowth loses little)."""
@@ -285,6 +290,7 @@ class TrainConfig:
             ),
             (self.min_workers >= 0, f"min_workers must be >= 0 (0: fixed), got {self.min_workers}"),
             (self.max_preemptions >= -1, "max preemptions must be >= 0 (or -1 for no limit)"),
+            (self.sigterm_notice_s > 0, f"sigterm notice must be > 0, got {self.sigterm_notice_s}"),
             (
                 not self.min_workers or self.global_batch >= self.workers,
                 f"global batch {self.global_batch} cannot give each of up to {self.workers} "

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +43,8 @@ TIE_BREAK = 1e-6
 # capacity): the call is a barrier over the workers, so not every step. At 0.1-1 s a step the
 # checkpoint starts within seconds of the notice, well inside a cloud's 30 s to 2 min warning.
 PREEMPTION_POLL_STEPS = 10
+# Set by a SIGTERM to this worker process: what a spot node's shutdown sends.
+SIGTERM_RECEIVED = threading.Event()
 
 
 HEAD = "classifier.6."  # FC3: the class scores
@@ -94,6 +98,54 @@ def val_errors_line(metrics: dict[str, float]) -> str:
 
 def _conv_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    SIGTERM_RECEIVED.set()
+
+
+def _install_sigterm_handler() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def catch_sigterm() -> None:
+    """Take a SIGTERM to this worker as its node's preemption (`Worker._preemption_notice`)
+    instead of dying at once, which Ray would count as a failure and which would lose the steps
+    since the last checkpoint. Python runs signal handlers on a process's main thread, where a
+    Ray Train worker runs its actor's task loop (the training function has a thread of its
+    own), so the actor installs the handler there, through the method Ray Train itself runs
+    set-up on workers with."""
+    import ray
+
+    try:
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(_install_sigterm_handler))
+    except Exception as error:  # another Ray version's worker: a SIGTERM then ends it at once
+        log.warning("a SIGTERM will stop this worker without a checkpoint (%s)",
+                    str(error).splitlines()[0][:200])  # fmt: skip
+
+
+def drain_own_node(notice_s: float) -> bool:
+    """Ask Ray to drain this worker's node for preemption, `notice_s` from now: what a cloud
+    autoscaler does on a spot warning. Ray Train then restarts the run without the node and
+    counts it against `max_preemptions`. Not the head node: it holds the cluster and the run's
+    driver, there is nowhere to go on without it. True where Ray accepted."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    context = ray.get_runtime_context()
+    node = context.get_node_id()
+    if any(n["NodeID"] == node and "node:__internal_head__" in n["Resources"]
+           for n in ray.nodes()):  # fmt: skip
+        return False
+    gcs = ray._raylet.GcsClient(address=context.gcs_address)  # what `ray drain-node` calls
+    accepted, why = gcs.drain_node(
+        node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "SIGTERM to a training worker", int((time.time() + notice_s) * 1000),
+    )  # fmt: skip
+    if not accepted:
+        log.warning("Ray did not accept draining node %s: %s", node[:8], why)
+    return accepted
 
 
 @dataclass
@@ -162,7 +214,8 @@ class Worker:
         self.loop = LoopState()
         # test-only: where to log what was read and trained on (`data.trace`)
         self.trace = os.environ[TRACE] = loop_config.get("trace", "")
-        self.preemption = None  # the last preemption notice acted on
+        self.preempted = False  # this attempt has checkpointed for a preemption
+        catch_sigterm()
         # The run's own latest checkpoint first (a worker failure, a resumed run); else the
         # checkpoint the run is told to start from (a Tune trial continuing a donor's or its own).
         own = ray.train.get_checkpoint()
@@ -292,22 +345,34 @@ class Worker:
         return self._sum_over_ranks([*sums_so_far(), stream.skipped])
 
     def _preemption_notice(self, step: int) -> bool:
-        """Whether Ray has just reported that a node of this run is being reclaimed: then every
-        rank stops at this step boundary and the run checkpoints at once, before the deadline,
-        and trains on; when the node goes, Ray Train restarts the run on what remains (an
-        elastic run) or returns, from that checkpoint, counted against `max_preemptions`. True
-        once per notice; every rank gets the same answer (the call is a barrier)."""
+        """Whether a node of this run is being reclaimed: Ray reports it (a drain for
+        preemption, as a cloud autoscaler does on a spot warning), or a rank got a SIGTERM (a
+        spot node's shutdown, where Ray reports nothing: that rank then asks Ray to drain its
+        node, so the two are one event to Ray). Every rank then stops at this step boundary
+        and the run checkpoints at once, before the deadline, and trains on; when the node goes
+        or the deadline passes, Ray Train restarts the run from that checkpoint on what remains
+        (an elastic run) or returns, counted against `max_preemptions`. True once per attempt
+        (Ray restarts an attempt once, however many nodes its notices name); every rank gets
+        the same answer (the calls are collectives)."""
         import ray.train
 
         if step % PREEMPTION_POLL_STEPS:
             return False
         notice = ray.train.get_preemption_info()
-        fresh = notice is not None and notice != self.preemption
-        self.preemption = notice
-        if fresh and self.rank == 0:
+        terminating = self._sum_over_ranks([float(SIGTERM_RECEIVED.is_set())])[0] > 0
+        if self.preempted or not (notice or terminating):
+            return False
+        self.preempted = True
+        if SIGTERM_RECEIVED.is_set():
+            drained = drain_own_node(self.config.sigterm_notice_s)
+            log.warning("rank %d got a SIGTERM: %s; checkpointing at step %d", self.rank,
+                        f"its node drains for preemption in {self.config.sigterm_notice_s:g} s"
+                        if drained else "on the head node, the run checkpoints and goes on",
+                        step)  # fmt: skip
+        if notice and self.rank == 0:
             nodes = ", ".join(node[:8] for node in notice.preempted_node_to_ranks)
             log.warning("preemption notice for node(s) %s: checkpointing at step %d", nodes, step)
-        return fresh
+        return True
 
     def _stop_diverged(self, epoch: int, streak: int, partial: list[float]) -> None:
         """Checkpoint the weights from before the streak of skipped steps (none of them changed
