@@ -79,21 +79,23 @@ def _steps_done(config: TrainConfig) -> int:
     return max(done, default=0)
 
 
-def _training_nodes(nodes) -> list:
-    """The cluster's worker nodes that host a training worker now."""
+def _training_actors() -> list:
+    """The training workers alive now (Ray's actor states)."""
     from ray.util.state import list_actors
 
-    busy = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if "RayTrainWorker" in a.class_name}  # fmt: skip
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            if "RayTrainWorker" in a.class_name]  # fmt: skip
+
+
+def _training_nodes(nodes) -> list:
+    """The cluster's worker nodes that host a training worker now."""
+    busy = {a.node_id for a in _training_actors()}
     return [n for n in nodes.worker_nodes if n.node_id in busy]
 
 
 def _training_worker_pid(node) -> int:
     """The process id of the training worker on `node`."""
-    from ray.util.state import list_actors
-
-    return next(a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-                if "RayTrainWorker" in a.class_name and a.node_id == node.node_id)  # fmt: skip
+    return next(a.pid for a in _training_actors() if a.node_id == node.node_id)
 
 
 def _ledger(trace: Path) -> dict[int, dict[int, set[str]]]:
@@ -113,9 +115,8 @@ def test_an_elastic_run_loses_a_node_grows_back_and_is_preempted_training_each_i
     worker), a node returns (the run grows back to two), then a training worker gets a SIGTERM,
     as a spot node's shutdown sends (the worker drains its node for preemption, the run
     checkpoints at once and restarts without the node, charged to max_preemptions: the one
-    failure allowed went on the lost node). The ledger
-    shows every training image exactly once per epoch; the result equals an uninterrupted
-    run's within float tolerance."""
+    failure allowed went on the lost node). The ledger shows every training image exactly once
+    per epoch; the result equals an uninterrupted run's within float tolerance."""
     from vgg_ray.train_job import train
 
     baseline = train(tiny(manifest, tmp_path / "baseline", workers=1, epochs=3))

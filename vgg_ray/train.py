@@ -359,6 +359,7 @@ class Worker:
         if step % PREEMPTION_POLL_STEPS:
             return False
         notice = ray.train.get_preemption_info()
+        # Any rank's SIGTERM: one tiny all-reduce beside Ray's broadcast, every 10 steps.
         terminating = self._sum_over_ranks([float(SIGTERM_RECEIVED.is_set())])[0] > 0
         if self.preempted or not (notice or terminating):
             return False
@@ -367,7 +368,8 @@ class Worker:
             drained = drain_own_node(self.config.sigterm_notice_s)
             log.warning("rank %d got a SIGTERM: %s; checkpointing at step %d", self.rank,
                         f"its node drains for preemption in {self.config.sigterm_notice_s:g} s"
-                        if drained else "on the head node, the run checkpoints and goes on",
+                        if drained else "its node stays (the head node, or Ray refused the "
+                        "drain): the run checkpoints and goes on",
                         step)  # fmt: skip
         if notice and self.rank == 0:
             nodes = ", ".join(node[:8] for node in notice.preempted_node_to_ranks)
