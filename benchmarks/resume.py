@@ -44,7 +44,19 @@ def first_step_seconds(manifest, config: StreamConfig, *, batch: int, step: int,
     for _ in range(step if replay else 0):
         next(steps)  # replay: read, decode and drop what lies before the position
     next(steps)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    steps.close()  # a restart's old stream is gone with its worker: none left to share the cores
+    _wait_idle()
+    return seconds
+
+
+def _wait_idle(timeout_s: float = 120) -> None:
+    """Until the stream's read tasks have all stopped (every CPU free again)."""
+    import ray
+
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def main() -> None:

@@ -180,6 +180,29 @@ def test_a_resume_reads_and_decodes_nothing_before_its_position(shards, ray_clus
     assert len(reads) <= 2 * len(needed)
 
 
+def test_the_following_tasks_start_early_and_keep_their_order_and_errors():
+    """The tasks after a stream's first are started in a thread before the first step is
+    handed over (`data._started`): their items arrive in order, and an error in them (a shard
+    found broken late in the epoch) reaches the training loop, not the thread."""
+    import threading
+
+    from vgg_ray.data import _started
+
+    asked = threading.Event()
+
+    def later():
+        asked.set()
+        yield from (1, 2)
+        raise OSError("shards/train-00003.parquet: checksum mismatch")
+
+    items = _started(later())
+    assert asked.wait(10)  # asked for before the caller asks
+    assert [next(items), next(items)] == [1, 2]
+    with pytest.raises(OSError, match="train-00003"):
+        next(items)
+    assert list(_started(iter(()))) == []
+
+
 def test_epoch_is_a_function_of_seed_and_epoch(shards, ray_cluster):
     manifest = load_manifest(str(shards))
     first = run(manifest, epoch=1, rank=1, world_size=2)

@@ -38,7 +38,9 @@ import functools
 import math
 import os
 import pickle
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -488,6 +490,27 @@ def _micro_batches(blocks: Iterable[dict], steps: list[tuple[int, int]]) -> Iter
         pending, have = ([rest] if have > rows else []), have - rows
 
 
+def _started(items: Iterable) -> Iterator:
+    """`items`, its first one asked for now in a thread (Ray Data starts a dataset's execution
+    only when its first batch is asked for), so it is made while the caller is busy."""
+    items, ready = iter(items), Future()
+
+    def ask() -> None:
+        try:
+            ready.set_result(next(items, ready))  # `ready` itself marks an empty iterator
+        except BaseException as error:  # noqa: BLE001 (re-raised in the caller's thread)
+            ready.set_exception(error)
+
+    threading.Thread(target=ask, daemon=True, name="vgg-ray-stream-start").start()
+
+    def resumed() -> Iterator:
+        if (item := ready.result()) is not ready:
+            yield item
+            yield from items
+
+    return resumed()
+
+
 class SplitStream:
     """One worker's batches of one split for one epoch.
 
@@ -572,11 +595,13 @@ class SplitStream:
                          len(self.manifest.classes), os.environ.get(TRACE, ""),
                          self.boxes)  # fmt: skip
 
-    def _dataset(self):
+    def _dataset(self, tasks: list[bytes] | None = None):
+        """A Ray Dataset over `tasks` (training: read tasks of `_tasks`) or, for evaluation,
+        over the worker's pieces."""
         import ray.data
 
         if self.training:
-            items, read = [{"task": task} for task in self._tasks()], read_steps
+            items, read = [{"task": task} for task in tasks], read_steps
         else:
             items, read = [p.__dict__ for p in self.pieces], read_pieces
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -616,14 +641,16 @@ class SplitStream:
         """Like iterating the stream, with each batch's record keys (for per-image results)."""
         if not self.rows:
             return
-        blocks = self._dataset().iter_batches(
-            batch_size=None if self.training else self.batch_size, batch_format="numpy",
-            prefetch_batches=self.config.prefetch_batches,
-        )  # fmt: skip
         if self.training:
             blocks = _micro_batches(
-                blocks,
+                self._training_blocks(),
                 [(len(p), n) for (p, _), n in zip(self.shares, self.micro_batches, strict=True)],
+            )
+        else:
+            blocks = self._dataset().iter_batches(
+                batch_size=self.batch_size,
+                batch_format="numpy",
+                prefetch_batches=self.config.prefetch_batches,
             )
         finished = (self._finish(batch) for batch in blocks)
         if self.config.decode == "gpu":
@@ -634,6 +661,20 @@ class SplitStream:
             yield batch
         if count != len(self):  # would break DDP's equal step counts: a bug, not bad data
             raise RuntimeError(f"rank {self.rank} yielded {count} batches, expected {len(self)}")
+
+    def _training_blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        """The read tasks' output in order, the first task run alone: a (re)started stream's
+        first step is decoded with the node's cores to itself, not shared with the following
+        tasks (on a busy node those would take most of them), so the time to the first step is
+        the same wherever in the epoch the stream starts. The rest starts the moment the first
+        is done, before its step is handed over."""
+        first, *rest = self._tasks()
+        options = dict(batch_size=None, batch_format="numpy",
+                       prefetch_batches=self.config.prefetch_batches)  # fmt: skip
+        head = list(self._dataset([first]).iter_batches(**options))  # one step's rows
+        following = _started(self._dataset(rest).iter_batches(**options)) if rest else iter(())
+        yield from head
+        yield from following
 
     def _finish(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list]:
         """A Ray batch -> the net's input on the device, minus records that failed to decode,
