@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread in the test process, whichever tests are selected: the nets here are tiny,
+# the 2 cores are shared with Ray's processes, and a float result (a net a fixture trains) must
+# not depend on whether a module that set it was collected alongside.
+torch.set_num_threads(1)
 
 FAKE_ACCESS_KEY = "AKIAVGGRAYTESTKEY000"
 FAKE_SECRET_KEY = "vgg-ray-test-secret-do-not-print"

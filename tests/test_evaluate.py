@@ -26,8 +26,6 @@ from vgg_ray.evaluate import (
 from vgg_ray.models import build_vgg
 from vgg_ray.tracking import log_net
 
-torch.set_num_threads(1)  # the machine is shared; these nets are tiny
-
 
 def _net(seed: int, *, classes: int = 3, width: float = 1 / 16):
     torch.manual_seed(seed)
