@@ -595,9 +595,9 @@ class SplitStream:
                          len(self.manifest.classes), os.environ.get(TRACE, ""),
                          self.boxes)  # fmt: skip
 
-    def _dataset(self, tasks: list[bytes] | None = None):
-        """A Ray Dataset over `tasks` (training: read tasks of `_tasks`) or, for evaluation,
-        over the worker's pieces."""
+    def _batches(self, tasks: Sequence[bytes] = ()) -> Iterable[dict[str, np.ndarray]]:
+        """The output of a Ray Dataset over `tasks` (training: read tasks of `_tasks`, in
+        Ray's blocks) or, in evaluation, over the worker's pieces (batches of `batch_size`)."""
         import ray.data
 
         if self.training:
@@ -610,7 +610,9 @@ class SplitStream:
         # The epoch's order is part of the result: keep the pieces' order through the tasks.
         dataset.context.execution_options.preserve_order = True
         dataset.context.enable_progress_bars = False
-        return dataset
+        return dataset.iter_batches(batch_size=None if self.training else self.batch_size,
+                                    batch_format="numpy",
+                                    prefetch_batches=self.config.prefetch_batches)  # fmt: skip
 
     def _tasks(self) -> Iterator[bytes]:
         """Read tasks over the steps left, each about one shuffle window's steps: the row
@@ -647,11 +649,7 @@ class SplitStream:
                 [(len(p), n) for (p, _), n in zip(self.shares, self.micro_batches, strict=True)],
             )
         else:
-            blocks = self._dataset().iter_batches(
-                batch_size=self.batch_size,
-                batch_format="numpy",
-                prefetch_batches=self.config.prefetch_batches,
-            )
+            blocks = self._batches()
         finished = (self._finish(batch) for batch in blocks)
         if self.config.decode == "gpu":
             finished = one_batch_ahead(finished, self.device)
@@ -669,10 +667,8 @@ class SplitStream:
         the same wherever in the epoch the stream starts. The rest starts the moment the first
         is done, before its step is handed over."""
         first, *rest = self._tasks()
-        options = dict(batch_size=None, batch_format="numpy",
-                       prefetch_batches=self.config.prefetch_batches)  # fmt: skip
-        head = list(self._dataset([first]).iter_batches(**options))  # one step's rows
-        following = _started(self._dataset(rest).iter_batches(**options)) if rest else iter(())
+        head = list(self._batches([first]))  # one step's rows
+        following = _started(self._batches(rest)) if rest else iter(())
         yield from head
         yield from following
 
