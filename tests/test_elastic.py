@@ -171,10 +171,12 @@ def test_an_elastic_run_loses_a_node_grows_back_and_is_preempted_training_each_i
     out = capfd.readouterr()
     assert "1 of 2 workers lost; continuing on 1 at epoch" in out.out + out.err
     # The worker's line, on the console or, where the drained node's log forwarding stopped
-    # before it, in the worker's log (`ray logs`): Ray forwards a node's output best-effort.
+    # before it, in the worker's logs (`ray logs`): Ray forwards a node's output best-effort.
+    # Its stderr file (moved into logs/old/ once the worker is dead) and Ray Train's record of
+    # its log lines (logs/train/), written at once.
     logs = Path(cluster.head_node.get_session_dir_path()) / "logs"
-    logged = out.out + out.err + "".join(f.read_text(errors="replace")
-                                         for f in logs.glob("worker-*.err"))  # fmt: skip
+    files = [*logs.rglob("worker-*.err"), *logs.rglob("ray-train-app-worker-*.log")]
+    logged = out.out + out.err + "".join(f.read_text(errors="replace") for f in files)
     assert "got a SIGTERM: its node drains for preemption in 5 s" in logged
 
     # Every image once per epoch, whatever the worker count at each step.
