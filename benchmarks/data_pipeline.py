@@ -1,7 +1,10 @@
-"""Decode + the paper's training transform, images/s, side by side in one run (issue 3):
+"""Decode + the paper's training transform, images/s, side by side in one run (issues 3, 16):
 
-  ours/per-image      `vgg_ray.transforms` (torchvision.io decode, crop-first geometry, fused
-                      colour shift + mean), one thread: the CPU work per image;
+  ours/per-image      `vgg_ray.transforms` as a Ray Data decode task runs it, one thread:
+                      `prepare_jpegs` (each record decodes only its crop window, crop-window
+                      resize, flip) then `to_float` (colour shift + mean, fused);
+  ours/whole-decode   the same with whole-image decodes (torchvision.io) then `prepare`: the
+                      path before the window decoder, and where `vgg_ray._jpeg` is not built;
   baseline/per-image  the usual PIL pipeline with the paper's ops: PIL decode, RandomResize(S in
                       [Smin, Smax]) of the whole image, RandomCrop, flip, to tensor, PCA shift,
                       mean; one thread;
@@ -10,10 +13,14 @@
   baseline/loader     torch DataLoader (one worker process per core) over the same shards,
                       with the PIL pipeline above.
 
+The two `ours` per-image rows also report the decode core's share (`to_float` runs on the
+trainer's device in a run, so a decode core does the rest): the `decode task` rows.
+
 `--device cuda` measures the nvjpeg path instead (decode on the GPU + the same transform there,
 batched): torch and torchvision only, JPEGs generated in memory, no ray or pyarrow needed.
 
     python benchmarks/data_pipeline.py                        # CPU, generated ~500x375 JPEGs
+    python benchmarks/data_pipeline.py --size 2000 1500 --no-stream   # large photos, per image
     python benchmarks/data_pipeline.py --manifest /data/shards   # CPU, real shards (train split)
     python benchmarks/data_pipeline.py --device cuda          # GPU nvjpeg path
 """
@@ -38,19 +45,21 @@ from torchvision.io import encode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vgg_ray import transforms  # noqa: E402
 from vgg_ray.transforms import ColorStats, decode_cpu, decode_gpu, to_float, training  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STATS = ColorStats()  # ImageNet's mean and PCA (fb.resnet.torch), as prepare would compute
 
 
-def generate_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    """ImageNet-like JPEGs: 500x375 (a quarter portrait 375x500), quality 90, smooth random
-    content plus grain, so they cost a real photo's decode (~100 KB each)."""
+def generate_jpegs(count: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> list[bytes]:
+    """ImageNet-like JPEGs: 500x375 by default (`size`, width x height; a quarter portrait),
+    quality 90, smooth random content plus grain, so they cost a real photo's decode (~100 KB
+    each at 500x375)."""
     rng = np.random.default_rng(seed)
     images = []
     for i in range(count):
-        height, width = (500, 375) if i % 4 == 3 else (375, 500)
+        height, width = size[::-1] if i % 4 != 3 else size
         low = torch.from_numpy(rng.integers(0, 256, (3, height // 25, width // 25), np.uint8))
         image = v2.functional.resize(low, [height, width], antialias=True).to(torch.int16)
         image += torch.from_numpy(rng.integers(-32, 33, (3, height, width), np.int16))
@@ -117,17 +126,26 @@ class PilPaperTransform:
         return image + (shift[:, None, None] - self.mean)
 
 
-def per_image_ours(data: list[bytes], args, device: torch.device) -> float:
+def per_image_ours(data: list[bytes], args, device: torch.device, *, window: bool = True,
+                   finish: bool = True) -> float:  # fmt: skip
+    """Images/s of one thread: the decode task's work (`window`: the shipped `prepare_jpegs`;
+    else whole decodes + `prepare`), then `to_float` where `finish` (the trainer's part)."""
     preset = training(scale=args.scale, crop=args.crop, stats=STATS)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    decode = decode_cpu if device.type == "cpu" else lambda d: decode_gpu(d, device)
     done, index = 0, 0
 
     def batch() -> None:
         nonlocal index
         chunk = [data[(index + i) % len(data)] for i in range(args.batch)]
-        images = decode(chunk)
-        to_float(preset.prepare(images, epoch=0, indices=range(index, index + len(chunk))), dtype)
+        indices = range(index, index + len(chunk))
+        if device.type == "cuda":
+            prepared = preset.prepare(decode_gpu(chunk, device), epoch=0, indices=indices)
+        elif window:
+            prepared, _decoded = preset.prepare_jpegs(chunk, epoch=0, indices=indices)
+        else:
+            prepared = preset.prepare(decode_cpu(chunk), epoch=0, indices=indices)
+        if finish:
+            to_float(prepared, dtype)
         index += len(chunk)
 
     batch()  # warm-up: nvjpeg handles, allocator, kernels
@@ -216,6 +234,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--manifest", help="prepared shards (train split); default: generated")
     parser.add_argument("--images", type=int, default=256, help="distinct generated JPEGs")
+    parser.add_argument("--size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
+                        help="generated JPEGs' size")  # fmt: skip
+    parser.add_argument("--no-stream", action="store_true", help="per-image rows only")
     parser.add_argument("--repeat", type=int, default=6, help="times the shards hold each one")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--scale", type=int, nargs=2, default=[256, 512], metavar=("SMIN", "SMAX"))
@@ -236,7 +257,7 @@ def main() -> None:
         data = pq.read_table(f"{loaded.base}/{shard.path}", columns=["image"])["image"]
         data = data.to_pylist()[: args.images]
     else:
-        data = generate_jpegs(args.images)
+        data = generate_jpegs(args.images, size=tuple(args.size))
     size_kb = sum(map(len, data)) / len(data) / 1e3
     rows: list[dict] = []
 
@@ -252,15 +273,27 @@ def main() -> None:
             record(f"ours/nvjpeg batch {batch}", per_image_ours(data, args, device), 1)
     else:
         torch.set_num_threads(1)
+        if transforms._jpeg is None:
+            print("vgg_ray._jpeg is not built: ours/per-image decodes whole images")
         record("ours/per-image", per_image_ours(data, args, device), 1)
+        record("ours/whole-decode", per_image_ours(data, args, device, window=False), 1)
+        record("decode task/window", per_image_ours(data, args, device, finish=False), 1)
+        record("decode task/whole", per_image_ours(data, args, device, window=False,
+                                                   finish=False), 1)  # fmt: skip
         record("baseline/per-image", per_image_baseline(data, args), 1)
-        with tempfile.TemporaryDirectory() as folder:
-            manifest = args.manifest or write_shards(data, Path(folder), repeat=args.repeat)
-            record("ours/stream", stream_ours(manifest, args), args.cores)
-            record("baseline/loader", stream_baseline(manifest, args), args.cores)
-        ratio = rows[0]["images_per_s"] / rows[1]["images_per_s"]
-        end_to_end = rows[2]["images_per_s"] / rows[3]["images_per_s"]
-        print(f"ours / baseline: per-image {ratio:.2f}x, end to end {end_to_end:.2f}x")
+        rate = {row["pipeline"]: row["images_per_s"] for row in rows}
+        print(
+            f"per image: ours / baseline {rate['ours/per-image'] / rate['baseline/per-image']:.2f}x"
+            f", window / whole decode {rate['ours/per-image'] / rate['ours/whole-decode']:.2f}x"
+            f" (decode task {rate['decode task/window'] / rate['decode task/whole']:.2f}x)"
+        )
+        if not args.no_stream:
+            with tempfile.TemporaryDirectory() as folder:
+                manifest = args.manifest or write_shards(data, Path(folder), repeat=args.repeat)
+                record("ours/stream", stream_ours(manifest, args), args.cores)
+                record("baseline/loader", stream_baseline(manifest, args), args.cores)
+            end_to_end = rows[-2]["images_per_s"] / rows[-1]["images_per_s"]
+            print(f"ours / baseline end to end: {end_to_end:.2f}x")
 
     result = {
         "benchmark": "data_pipeline",

@@ -1,6 +1,7 @@
 """The paper's image recipe (PAPER.md, Sect. 3.1/3.2) on tiny images: shapes, the random draws'
 distributions, the colour shift's covariance, determinism, and the CPU/GPU paths agreeing."""
 
+import contextlib
 import io
 import subprocess
 import sys
@@ -193,3 +194,130 @@ def test_gpu_path_agrees_with_cpu_path():
     evaluation = T.evaluation(scale=40, crop=32, stats=STATS)
     diff = evaluation([c.to(device) for c in on_cpu[:-1]]).cpu() - evaluation(on_cpu[:-1])
     assert diff.abs().max() <= 2.0
+
+
+# The region-of-interest decoder (vgg_ray/_jpeg.c), where `pip install` could build it.
+needs_window_decoder = pytest.mark.skipif(T._jpeg is None, reason="vgg_ray._jpeg not built")
+
+
+def photo_jpegs() -> dict[str, bytes]:
+    """Real photographs encoded every way a data set holds them: the three chroma subsamplings,
+    progressive, grayscale, an odd size (no whole MCUs), and the files as shipped."""
+    from conftest import real_photos
+
+    photos = {name: path.read_bytes() for name, path in real_photos()}
+    image = Image.open(io.BytesIO(photos["china"])).convert("RGB")
+
+    def encode(im: Image.Image, **options) -> bytes:
+        buffer = io.BytesIO()
+        im.save(buffer, "JPEG", quality=90, **options)
+        return buffer.getvalue()
+
+    for subsampling, name in ((0, "444"), (1, "422"), (2, "420")):
+        photos[name] = encode(image, subsampling=subsampling)
+    photos["progressive"] = encode(image, progressive=True)
+    photos["grayscale"] = encode(image.convert("L"))
+    photos["odd"] = encode(image.crop((3, 5, 336, 406)), subsampling=2)
+    return photos
+
+
+@needs_window_decoder
+def test_window_decode_is_exactly_the_whole_decode_there():
+    rng = np.random.default_rng(0)
+    for name, record in photo_jpegs().items():
+        whole = T.decode_cpu([record])[0]
+        height, width = whole.shape[-2:]
+        assert T.jpeg_size(record) == (height, width), name
+        windows = [(0, 0, height, width), (height - 7, width - 9, 7, 9), (1, 1, 1, 1)]
+        for _ in range(12):
+            h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+            windows.append((rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w))
+        for y, x, h, w in windows:
+            got = T.decode_window(record, (int(y), int(x), int(h), int(w)))
+            assert torch.equal(got, whole[:, y : y + h, x : x + w]), (name, (y, x, h, w))
+        # At 1/2, 1/4, 1/8 inside the decoder: a window is the shrunk whole decode's pixels.
+        for shrink in (2, 4, 8):
+            size = (-(-height // shrink), -(-width // shrink))
+            shrunk = T.decode_window(record, (0, 0, *size), shrink)
+            y, x = size[0] // 3, size[1] // 4
+            window = T.decode_window(record, (y, x, size[0] // 2, size[1] // 2), shrink)
+            assert torch.equal(window, shrunk[:, y : y + size[0] // 2, x : x + size[1] // 2])
+
+
+@needs_window_decoder
+def test_window_decoder_refuses_bad_input_with_value_errors():
+    record = photo_jpegs()["420"]
+    height, width = T.jpeg_size(record)
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(record)).convert("CMYK").save(cmyk, "JPEG")
+    bad = {
+        "empty": (b"", (0, 0, 1, 1)),
+        "not a jpeg": (b"not a jpeg at all", (0, 0, 1, 1)),
+        "truncated": (record[: len(record) // 2], (0, 0, height, width)),
+        "cmyk": (cmyk.getvalue(), (0, 0, 8, 8)),
+        "outside": (record, (height - 4, 0, 8, 8)),
+        "negative": (record, (-1, 0, 8, 8)),
+    }
+    for name, (data, window) in bad.items():
+        with pytest.raises(ValueError):
+            T.decode_window(data, window)
+            pytest.fail(name)  # not reached where it raises; names the case where it does not
+    with pytest.raises(ValueError, match="shrink must be"):
+        T.decode_window(record, (0, 0, 8, 8), 3)
+    # Corrupted files of every kind end in a ValueError or in pixels, never in a crash.
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        damaged = bytearray(record)
+        for position in rng.integers(0, len(damaged), rng.integers(1, 20)):
+            damaged[position] = rng.integers(0, 256)
+        with contextlib.suppress(ValueError):
+            T.decode_window(bytes(damaged), (height // 2, width // 3, height // 2, width // 3))
+
+
+def test_prepare_jpegs_is_prepare_of_the_whole_decodes(monkeypatch):
+    """The decode tasks' path: the same batch as decoding whole images and preparing them, on
+    real photos of every encoding, with bad records left out; also where the window decoder is
+    not built (torchvision then decodes)."""
+    photos = photo_jpegs()
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(photos["china"])).convert("CMYK").save(cmyk, "JPEG")
+    data = [*photos.values(), b"garbage", cmyk.getvalue(), b"", photos["420"][:5000]] * 2
+    indices = list(range(100, 100 + len(data)))
+    preset = T.training(scale=(256, 512), crop=224, stats=STATS)
+    images = T.decode_cpu(data)
+    decoded = [i for i, image in enumerate(images) if image is not None]
+    assert len(decoded) == 2 * (len(photos) + 1)  # the photos and the CMYK one
+    for built in (T._jpeg, None):
+        monkeypatch.setattr(T, "_jpeg", built)
+        prepared, good = preset.prepare_jpegs(data, epoch=3, indices=indices)
+        expected = preset.prepare([images[i] for i in decoded], epoch=3,
+                                  indices=[indices[i] for i in decoded])  # fmt: skip
+        assert good == decoded
+        assert torch.equal(prepared.pixels, expected.pixels)
+        assert torch.equal(prepared.gain, expected.gain)
+        assert torch.equal(prepared.bias, expected.bias)
+        assert prepared.windows == expected.windows
+
+
+@needs_window_decoder
+def test_prepare_jpegs_shrinks_large_windows_inside_the_decoder_within_tolerance():
+    """A window of >= 4x the crop is decoded at 1/2, 1/4 or 1/8: its crop is the resize of the
+    window it reports (boxes follow it) within a grey level on average; bicubic against
+    bilinear resizing differs by 0.7-3 on these photos."""
+    preset = T.training(scale=(32, 64), crop=32, stats=STATS)
+    shrinks = set()
+    for name, record in photo_jpegs().items():
+        prepared, good = preset.prepare_jpegs([record] * 8, epoch=0, indices=range(8))
+        whole = T.decode_cpu([record])[0]
+        drawn = preset.prepare([whole] * 8, epoch=0, indices=range(8)).windows
+        assert good == list(range(8))
+        for pixels, window, exact in zip(prepared.pixels, prepared.windows, drawn, strict=True):
+            # The reported window is the drawn one moved by under half a shrunk pixel.
+            assert max(abs(a - b) for a, b in zip(window[:4], exact[:4], strict=True)) <= 4, name
+            assert window.flip == exact.flip
+            y, x, h, w = window[:4]
+            expected = F.resized_crop(whole, y, x, h, w, [32, 32], antialias=True)
+            expected = expected.flip(-1) if window.flip else expected
+            assert (pixels.float() - expected.float()).abs().mean() < 1.5, name
+            shrinks.add(T._shrunk_window(tuple(whole.shape[-2:]), exact[:4], 32)[0])
+    assert shrinks >= {2, 4}  # the decoder did shrink (windows of 133-427 px for a 32 px crop)

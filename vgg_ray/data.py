@@ -65,7 +65,6 @@ from vgg_ray.transforms import (
     Prepared,
     TrainingPreset,
     Window,
-    decode_cpu,
     decode_gpu,
     to_float,
 )
@@ -393,16 +392,15 @@ def read_pieces(batch: dict[str, np.ndarray], *, spec: _ReadSpec) -> dict[str, n
 def _decoded(rows: dict[str, np.ndarray], spec: _ReadSpec) -> dict[str, np.ndarray]:
     """Raw rows -> uint8 crops with their gain/bias; label -1 where a record did not decode."""
     data, label, index, key = rows["image"], rows["label"], rows["index"], rows["key"]
-    images = decode_cpu(list(data))
-    good = [i for i, image in enumerate(images) if image is not None]
-    prepared = spec.preset.prepare(
-        [images[i] for i in good], epoch=spec.epoch, indices=index[good].tolist()
-    )
+    prepared, good = spec.preset.prepare_jpegs(list(data), epoch=spec.epoch,
+                                               indices=index.tolist())  # fmt: skip
     crop = spec.preset.crop
     pixels = np.zeros((len(data), 3, crop, crop), np.uint8)
     gain, bias = np.zeros((len(data), 3), np.float32), np.zeros((len(data), 3), np.float32)
     pixels[good], gain[good], bias[good] = prepared.pixels.numpy(), prepared.gain, prepared.bias
-    label[[i for i, image in enumerate(images) if image is None]] = -1  # with bad labels
+    decoded = np.zeros(len(data), bool)
+    decoded[good] = True
+    label[~decoded] = -1  # with bad labels
     out = {"pixels": pixels, "gain": gain, "bias": bias, "label": label, "index": index,
            "key": key}  # fmt: skip
     if spec.boxes:

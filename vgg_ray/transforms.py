@@ -13,6 +13,12 @@ nvjpeg on the training GPU), so both paths share this code. A preset works in tw
   literal recipe) and only that window is resized, straight to crop x crop, so the resize writes
   crop^2 pixels instead of the whole rescaled image (S = 512 on a 500x375 photo: 682x512).
   It returns the pixels plus a per-image, per-channel gain and bias.
+- `prepare_jpegs` (JPEG bytes -> uint8, the CPU path): `prepare` of the decoded images, but in
+  training each record decodes only its crop window where `vgg_ray._jpeg` is built (libjpeg-turbo's
+  region decode: the rows below the window are never read, the IDCT and colour conversion run
+  only inside it; a window of at least 4x the crop is decoded at 1/2, 1/4 or 1/8 by the IDCT
+  itself); the window's pixels are the whole decode's, so the crops are the same (within
+  interpolation tolerance where the decoder shrank them).
 - `to_float`: colour shift, mean subtraction and scaling are one affine map per channel and
   image, applied after the crop, in place on the one float tensor. The Ray tasks ship the 4x smaller
   uint8 crops; the training worker finishes them on its device.
@@ -37,6 +43,11 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from vgg_ray.errors import ConfigError
+
+try:  # the region-of-interest JPEG decoder, built by `pip install` where libjpeg's headers are
+    from vgg_ray import _jpeg
+except ImportError:  # not built: whole-image decodes with torchvision, the same crops, slower
+    _jpeg = None
 
 NORMALIZATIONS = ("paper", "torchvision")
 # The paper's training scale range (S jittered in [256, 512], Sect. 3.1) and crop: the defaults
@@ -139,6 +150,51 @@ def decode_gpu(data: Sequence[bytes], device: torch.device | str) -> list[torch.
             except RuntimeError:
                 images[i] = None
     return images
+
+
+def decode_window(
+    record: bytes, window: tuple[int, int, int, int], shrink: int = 1
+) -> torch.Tensor:
+    """The (top, left, height, width) window of a JPEG decoded at 1/`shrink` (1, 2, 4 or 8,
+    inside the decoder; the window in those pixels), uint8 RGB (3, height, width) (a
+    channels-last view), decoding no more of the image than it needs: exactly the pixels of the
+    whole decode at that scale. Raises ValueError where the record is not a JPEG libjpeg can
+    give as RGB (CMYK, say), and where `vgg_ray._jpeg` is not built."""
+    if _jpeg is None:
+        raise ValueError("vgg_ray._jpeg is not built")
+    top, left, height, width = window
+    pixels = _jpeg.decode_window(record, top, left, height, width, shrink)
+    return torch.frombuffer(pixels, dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+
+
+def _shrunk_window(
+    size: tuple[int, int], window: tuple[int, int, int, int], crop: int
+) -> tuple[int, tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """(shrink, the window in the 1/shrink image's pixels, the source pixels those show) for a
+    (top, left, height, width) window of an image of `size`. The shrink is the largest of 8, 4,
+    2 that leaves the window at least twice the crop: the antialiased resize after it still does
+    half the downscale or more, which keeps the crop within a grey level (mean) of a resize of
+    the whole decode. Shrunk pixels are whole source blocks, so the window moves by under
+    shrink / 2 source pixels; the source window returned is the one shown, for the boxes."""
+    (height, width), (y, x, h, w) = size, window
+    shrink = next((d for d in (8, 4, 2) if min(h, w) >= 2 * d * crop), 1)
+    if shrink == 1:
+        return 1, window, window
+    # libjpeg's 1/d image is ceil(H/d) x ceil(W/d); its pixel j shows source [j d, (j + 1) d).
+    out_h, out_w = -(-height // shrink), -(-width // shrink)
+    y0, x0 = round(y / shrink), round(x / shrink)
+    y1, x1 = min(round((y + h) / shrink), out_h), min(round((x + w) / shrink), out_w)
+    source = (y0 * shrink, x0 * shrink, min(y1 * shrink, height) - y0 * shrink,
+              min(x1 * shrink, width) - x0 * shrink)  # fmt: skip
+    return shrink, (y0, x0, y1 - y0, x1 - x0), source
+
+
+def jpeg_size(record: bytes) -> tuple[int, int]:
+    """A JPEG's (height, width) from its header alone (a microsecond). Raises ValueError where
+    the record has no readable JPEG header, and where `vgg_ray._jpeg` is not built."""
+    if _jpeg is None:
+        raise ValueError("vgg_ray._jpeg is not built")
+    return _jpeg.size(record)
 
 
 def rescaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -270,21 +326,26 @@ class TrainingPreset:
         eigvec = torch.tensor(self.stats.eigvec, dtype=torch.float64)  # column i is p_i
         return (torch.from_numpy(alpha) * eigval @ eigvec.T).float()
 
-    def _windows(self, sizes: Sequence[tuple[int, int]], draws: Draws) -> list[Window]:
-        """Each image's crop (rescale, crop position, flip) from its (h, w) and its draws."""
-        windows = []
-        for (height, width), short_side, u_top, u_left, flip in zip(
-            sizes, draws.scale, draws.top, draws.left, draws.flip, strict=True
-        ):
-            rescaled_h, rescaled_w = rescaled_size(height, width, int(short_side))
-            # A uniform crop position among the (rescaled - crop + 1) possible ones per axis.
-            top = math.floor(u_top * (rescaled_h - self.crop + 1))
-            left = math.floor(u_left * (rescaled_w - self.crop + 1))
-            window = source_window(
-                height, width, short_side=int(short_side), crop=self.crop, top=top, left=left
-            )
-            windows.append(Window(*window, flip=bool(flip)))
-        return windows
+    def _window(self, size: tuple[int, int], draws: Draws, i: int) -> Window:
+        """Image i's crop (rescale, crop position, flip) from its (h, w) and the batch's draws."""
+        height, width = size
+        short_side = int(draws.scale[i])
+        rescaled_h, rescaled_w = rescaled_size(height, width, short_side)
+        # A uniform crop position among the (rescaled - crop + 1) possible ones per axis.
+        top = math.floor(draws.top[i] * (rescaled_h - self.crop + 1))
+        left = math.floor(draws.left[i] * (rescaled_w - self.crop + 1))
+        window = source_window(height, width, short_side=short_side, crop=self.crop, top=top,
+                               left=left)  # fmt: skip
+        return Window(*window, flip=bool(draws.flip[i]))
+
+    def _finish(self, crops: list[torch.Tensor], windows: list[Window], draws: Draws) -> Prepared:
+        """The batch from its resized, not yet flipped crops and the draws of those images."""
+        # Flip after the resize: it then touches crop^2 pixels, and it commutes with the resize.
+        crops = [c.flip(-1) if w.flip else c for c, w in zip(crops, windows, strict=True)]
+        pixels = torch.stack(crops) if crops else torch.empty(0, 3, self.crop, self.crop,
+                                                               dtype=torch.uint8)  # fmt: skip
+        gain, bias = _affine(self.color_shift(draws.alpha), self.stats, self.normalize)
+        return Prepared(pixels, gain, bias, tuple(windows))
 
     def prepare(self, images: Sequence[torch.Tensor], *, epoch: int, indices: Sequence[int]):
         """Rescale, crop and flip uint8 (3, h, w) images (CPU or CUDA) -> `Prepared`, whose
@@ -292,16 +353,42 @@ class TrainingPreset:
         if len(images) != len(indices):
             raise ValueError(f"{len(images)} images but {len(indices)} row indices")
         draws = self.draw(indices, epoch=epoch)
-        windows = self._windows([tuple(image.shape[-2:]) for image in images], draws)
-        crops = []
-        for image, window in zip(images, windows, strict=True):
-            resized = _resized_window(image, window[:4], self.crop)
-            # Flip after the resize: it then touches crop^2 pixels, and it commutes with the resize.
-            crops.append(resized.flip(-1) if window.flip else resized)
-        pixels = torch.stack(crops) if crops else torch.empty(0, 3, self.crop, self.crop,
-                                                               dtype=torch.uint8)  # fmt: skip
-        gain, bias = _affine(self.color_shift(draws.alpha), self.stats, self.normalize)
-        return Prepared(pixels, gain, bias, tuple(windows))
+        windows = [self._window(tuple(im.shape[-2:]), draws, i) for i, im in enumerate(images)]
+        crops = [_resized_window(image, window[:4], self.crop)
+                 for image, window in zip(images, windows, strict=True)]  # fmt: skip
+        return self._finish(crops, windows, draws)
+
+    def prepare_jpegs(self, data: Sequence[bytes], *, epoch: int, indices: Sequence[int]):
+        """`prepare` from JPEG bytes on the CPU -> (`Prepared`, the positions in `data` of the
+        records that decoded). Each record decodes only its crop window (`decode_window`: the
+        same pixels as a whole decode, so the same batch as `prepare(decode_cpu(data))`); a
+        window of at least 4x the crop (a large photo) is decoded at 1/2, 1/4 or 1/8 inside the
+        decoder, then resized: the crop of its (returned) window within interpolation tolerance,
+        at a fraction of the work. torchvision decodes the whole image where the window decode
+        cannot (not built, CMYK), and a record neither decodes is left out."""
+        if len(data) != len(indices):
+            raise ValueError(f"{len(data)} records but {len(indices)} row indices")
+        draws = self.draw(indices, epoch=epoch)
+        crops, windows, good = [], [], []
+        for i, record in enumerate(data):
+            try:
+                size = jpeg_size(record)
+                drawn = self._window(size, draws, i)
+                shrink, shrunk, source = _shrunk_window(size, drawn[:4], self.crop)
+                pixels = decode_window(record, shrunk, shrink)
+                window = Window(*source, flip=drawn.flip)
+                crop = F.resize(pixels, [self.crop, self.crop], antialias=True)
+            except ValueError:
+                image = decode_cpu([record])[0]
+                if image is None:
+                    continue
+                window = self._window(tuple(image.shape[-2:]), draws, i)
+                crop = _resized_window(image, window[:4], self.crop)
+            crops.append(crop)
+            windows.append(window)
+            good.append(i)
+        taken = Draws(*(column[good] for column in draws))
+        return self._finish(crops, windows, taken), good
 
     def __call__(self, images, *, epoch: int, indices: Sequence[int], dtype=torch.float32):
         """uint8 (3, h, w) images -> the net's input, (N, 3, crop, crop) of `dtype`."""
@@ -363,6 +450,14 @@ class EvalPreset:
         pixels = torch.stack(crops) if crops else torch.empty(0, 3, self.crop, self.crop,
                                                                dtype=torch.uint8)  # fmt: skip
         return Prepared(pixels, gain, bias, windows)
+
+    def prepare_jpegs(self, data: Sequence[bytes], *, epoch: int = 0, indices=None):
+        """`prepare` from JPEG bytes on the CPU -> (`Prepared`, the positions in `data` of the
+        records that decoded): whole-image decodes, as the literal test-time recipe rescales
+        the whole image."""
+        images = decode_cpu(data)
+        good = [i for i, image in enumerate(images) if image is not None]
+        return self.prepare([images[i] for i in good]), good
 
     def __call__(self, images, *, epoch: int = 0, indices=None, dtype=torch.float32):
         """uint8 (3, h, w) images -> the net's input (a list of tensors in `whole` mode)."""
