@@ -4,7 +4,7 @@
                       `prepare_jpegs` (each record decodes only its crop window, crop-window
                       resize, flip) then `to_float` (colour shift + mean, fused);
   ours/whole-decode   the same with whole-image decodes (torchvision.io) then `prepare`: the
-                      path before the window decoder, and where `vgg_ray._jpeg` is not built;
+                      path before the window decoder, and where `_vgg_ray_jpeg` is not built;
   baseline/per-image  the usual PIL pipeline with the paper's ops: PIL decode, RandomResize(S in
                       [Smin, Smax]) of the whole image, RandomCrop, flip, to tensor, PCA shift,
                       mean; one thread;
@@ -274,7 +274,7 @@ def main() -> None:
     else:
         torch.set_num_threads(1)
         if transforms._jpeg is None:
-            print("vgg_ray._jpeg is not built: ours/per-image decodes whole images")
+            print("_vgg_ray_jpeg is not built: ours/per-image decodes whole images")
         record("ours/per-image", per_image_ours(data, args, device), 1)
         record("ours/whole-decode", per_image_ours(data, args, device, window=False), 1)
         record("decode task/window", per_image_ours(data, args, device, finish=False), 1)

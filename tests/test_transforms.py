@@ -197,7 +197,7 @@ def test_gpu_path_agrees_with_cpu_path():
 
 
 # The region-of-interest decoder (vgg_ray/_jpeg.c), where `pip install` could build it.
-needs_window_decoder = pytest.mark.skipif(T._jpeg is None, reason="vgg_ray._jpeg not built")
+needs_window_decoder = pytest.mark.skipif(T._jpeg is None, reason="_vgg_ray_jpeg not built")
 
 
 def photo_jpegs() -> dict[str, bytes]:

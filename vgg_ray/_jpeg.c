@@ -8,9 +8,11 @@ below are never read. The pixels inside the window are the full decode's.
 
 No maintained Python binding exposes these two calls, and a ctypes binding cannot be made safe:
 libjpeg reports a corrupt file through `error_exit`, which must longjmp out of the decoder, and a
-Python callback cannot. Hence these ~150 lines, built by `pip install` where the system has
-libjpeg-turbo's headers (Debian/Ubuntu: libjpeg-dev); without them the build is skipped and
-`vgg_ray.transforms` decodes whole images with torchvision instead.
+Python callback cannot. Hence these ~150 lines, built by `pip install` as the top-level module
+`_vgg_ray_jpeg` where the system has libjpeg-turbo's headers (Debian/Ubuntu: libjpeg-dev);
+without them the build is skipped and `vgg_ray.transforms` decodes whole images with
+torchvision instead. Top-level, so that a Ray job's working-dir copy of `vgg_ray` (uploaded
+without built files) still finds the installed module.
 
 Errors never reach the caller's process: any libjpeg error becomes a ValueError (the Python side
 then tries torchvision's decoder, which takes what libjpeg's RGB output cannot, such as CMYK).
@@ -173,6 +175,6 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, .m_name = "_jpeg", .m_size = -1, .m_methods = methods};
+    PyModuleDef_HEAD_INIT, .m_name = "_vgg_ray_jpeg", .m_size = -1, .m_methods = methods};
 
-PyMODINIT_FUNC PyInit__jpeg(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__vgg_ray_jpeg(void) { return PyModule_Create(&module); }

@@ -14,10 +14,10 @@ nvjpeg on the training GPU), so both paths share this code. A preset works in tw
   crop^2 pixels instead of the whole rescaled image (S = 512 on a 500x375 photo: 682x512).
   It returns the pixels plus a per-image, per-channel gain and bias.
 - `prepare_jpegs` (JPEG bytes -> uint8, the CPU path): `prepare` of the decoded images, but in
-  training each record decodes only its crop window where `vgg_ray._jpeg` is built (libjpeg-turbo's
-  region decode: the rows below the window are never read, the IDCT and colour conversion run
-  only inside it; a window of at least 4x the crop is decoded at 1/2, 1/4 or 1/8 by the IDCT
-  itself); the window's pixels are the whole decode's, so the crops are the same (within
+  training each record decodes only its crop window where `_vgg_ray_jpeg` is built
+  (libjpeg-turbo's region decode: the rows below the window are never read, the IDCT and colour
+  conversion run only inside it; a window of at least 4x the crop is decoded at 1/2, 1/4 or 1/8
+  by the IDCT itself); the window's pixels are the whole decode's, so the crops are the same (within
   interpolation tolerance where the decoder shrank them).
 - `to_float`: colour shift, mean subtraction and scaling are one affine map per channel and
   image, applied after the crop, in place on the one float tensor. The Ray tasks ship the 4x smaller
@@ -44,8 +44,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from vgg_ray.errors import ConfigError
 
-try:  # the region-of-interest JPEG decoder, built by `pip install` where libjpeg's headers are
-    from vgg_ray import _jpeg
+try:  # the region-of-interest JPEG decoder (vgg_ray/_jpeg.c), built by `pip install` where
+    # libjpeg's headers are. A top-level module: a job's working-dir copy of this package (which
+    # Ray uploads without built files) still finds the one installed.
+    import _vgg_ray_jpeg as _jpeg
 except ImportError:  # not built: whole-image decodes with torchvision, the same crops, slower
     _jpeg = None
 
@@ -159,9 +161,9 @@ def decode_window(
     inside the decoder; the window in those pixels), uint8 RGB (3, height, width) (a
     channels-last view), decoding no more of the image than it needs: exactly the pixels of the
     whole decode at that scale. Raises ValueError where the record is not a JPEG libjpeg can
-    give as RGB (CMYK, say), and where `vgg_ray._jpeg` is not built."""
+    give as RGB (CMYK, say), and where `_vgg_ray_jpeg` is not built."""
     if _jpeg is None:
-        raise ValueError("vgg_ray._jpeg is not built")
+        raise ValueError("the window decoder (_vgg_ray_jpeg) is not built")
     top, left, height, width = window
     pixels = _jpeg.decode_window(record, top, left, height, width, shrink)
     return torch.frombuffer(pixels, dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
@@ -191,9 +193,9 @@ def _shrunk_window(
 
 def jpeg_size(record: bytes) -> tuple[int, int]:
     """A JPEG's (height, width) from its header alone (a microsecond). Raises ValueError where
-    the record has no readable JPEG header, and where `vgg_ray._jpeg` is not built."""
+    the record has no readable JPEG header, and where `_vgg_ray_jpeg` is not built."""
     if _jpeg is None:
-        raise ValueError("vgg_ray._jpeg is not built")
+        raise ValueError("the window decoder (_vgg_ray_jpeg) is not built")
     return _jpeg.size(record)
 
 
