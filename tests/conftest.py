@@ -177,17 +177,6 @@ def _mlflow_globals_restored(monkeypatch, tmp_path):
          fluent._active_experiment_id) = saved  # fmt: skip
 
 
-def real_photos() -> list[tuple[str, Path]]:
-    """Three real photographs that ship with scikit-learn and matplotlib."""
-    import matplotlib
-    import sklearn
-
-    sk = Path(sklearn.__file__).parent / "datasets" / "images"
-    mpl = Path(matplotlib.get_data_path()) / "sample_data"
-    return [("china", sk / "china.jpg"), ("flower", sk / "flower.jpg"),
-            ("hopper", mpl / "grace_hopper.jpg")]  # fmt: skip
-
-
 def make_shards(
     root: Path,
     *,

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from conftest import real_photos
 
+from vgg_ray.demo import real_photos
 from vgg_ray.errors import ConfigError
 from vgg_ray.evaluate import NetInfo
 from vgg_ray.features import Describer, feature_scales

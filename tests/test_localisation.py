@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import real_photos
 
 from vgg_ray import boxes as B
+from vgg_ray.demo import real_photos
 
 
 def _tree(root: Path, **options) -> Path:

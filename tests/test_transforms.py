@@ -13,6 +13,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from vgg_ray import transforms as T
+from vgg_ray.demo import real_photos
 from vgg_ray.errors import ConfigError
 
 # A rotation, so that a wrong eigvec convention (rows for columns) shows in the covariance test.
@@ -203,8 +204,6 @@ needs_window_decoder = pytest.mark.skipif(T._jpeg is None, reason="_vgg_ray_jpeg
 def photo_jpegs() -> dict[str, bytes]:
     """Real photographs encoded every way a data set holds them: the three chroma subsamplings,
     progressive, grayscale, an odd size (no whole MCUs), and the files as shipped."""
-    from conftest import real_photos
-
     photos = {name: path.read_bytes() for name, path in real_photos()}
     image = Image.open(io.BytesIO(photos["china"])).convert("RGB")
 

@@ -236,3 +236,16 @@ def ensure_demo_shards(cache_dir: str | os.PathLike | None = None) -> str:
             progress=False,
         )
         return prepare(config).manifest
+
+
+def real_photos() -> list[tuple[str, Path]]:
+    """Three real photographs that ship with scikit-learn and matplotlib (both installed with
+    vgg-ray): (name, path) of JPEGs of 640x427, 640x427 and 512x600, for tests and benchmarks
+    that need a camera's images rather than generated ones."""
+    import matplotlib
+    import sklearn
+
+    sk = Path(sklearn.__file__).parent / "datasets" / "images"
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    return [("china", sk / "china.jpg"), ("flower", sk / "flower.jpg"),
+            ("hopper", mpl / "grace_hopper.jpg")]  # fmt: skip
