@@ -13,8 +13,7 @@
   baseline/loader     torch DataLoader (one worker process per core) over the same shards,
                       with the PIL pipeline above.
 
-The two `ours` per-image rows also report the decode core's share (`to_float` runs on the
-trainer's device in a run, so a decode core does the rest): the `decode task` rows.
+`benchmarks/decode_per_core.py` compares the two `ours` decodes alone, paired pass by pass.
 
 `--device cuda` measures the nvjpeg path instead (decode on the GPU + the same transform there,
 batched): torch and torchvision only, JPEGs generated in memory, no ray or pyarrow needed.
@@ -126,10 +125,9 @@ class PilPaperTransform:
         return image + (shift[:, None, None] - self.mean)
 
 
-def per_image_ours(data: list[bytes], args, device: torch.device, *, window: bool = True,
-                   finish: bool = True) -> float:  # fmt: skip
+def per_image_ours(data: list[bytes], args, device: torch.device, *, window: bool = True) -> float:
     """Images/s of one thread: the decode task's work (`window`: the shipped `prepare_jpegs`;
-    else whole decodes + `prepare`), then `to_float` where `finish` (the trainer's part)."""
+    else whole decodes + `prepare`), then `to_float`."""
     preset = training(scale=args.scale, crop=args.crop, stats=STATS)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     done, index = 0, 0
@@ -144,8 +142,7 @@ def per_image_ours(data: list[bytes], args, device: torch.device, *, window: boo
             prepared, _decoded = preset.prepare_jpegs(chunk, epoch=0, indices=indices)
         else:
             prepared = preset.prepare(decode_cpu(chunk), epoch=0, indices=indices)
-        if finish:
-            to_float(prepared, dtype)
+        to_float(prepared, dtype)
         index += len(chunk)
 
     batch()  # warm-up: nvjpeg handles, allocator, kernels
@@ -277,15 +274,11 @@ def main() -> None:
             print("_vgg_ray_jpeg is not built: ours/per-image decodes whole images")
         record("ours/per-image", per_image_ours(data, args, device), 1)
         record("ours/whole-decode", per_image_ours(data, args, device, window=False), 1)
-        record("decode task/window", per_image_ours(data, args, device, finish=False), 1)
-        record("decode task/whole", per_image_ours(data, args, device, window=False,
-                                                   finish=False), 1)  # fmt: skip
         record("baseline/per-image", per_image_baseline(data, args), 1)
         rate = {row["pipeline"]: row["images_per_s"] for row in rows}
         print(
             f"per image: ours / baseline {rate['ours/per-image'] / rate['baseline/per-image']:.2f}x"
             f", window / whole decode {rate['ours/per-image'] / rate['ours/whole-decode']:.2f}x"
-            f" (decode task {rate['decode task/window'] / rate['decode task/whole']:.2f}x)"
         )
         if not args.no_stream:
             with tempfile.TemporaryDirectory() as folder:

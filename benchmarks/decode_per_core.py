@@ -51,8 +51,10 @@ def main() -> None:
         sys.exit("_vgg_ray_jpeg is not built (libjpeg-dev missing at install): nothing to compare")
 
     torch.set_num_threads(1)
-    photos = [path.read_bytes() for _, path in real_photos()]
-    data = photos * 8 if args.photos else generate_jpegs(args.images, size=tuple(args.size))
+    if args.photos:
+        data = [path.read_bytes() for _, path in real_photos()] * 8
+    else:
+        data = generate_jpegs(args.images, size=tuple(args.size))
     preset = training(scale=tuple(args.scale), crop=args.crop, stats=STATS)
     indices = range(len(data))
     window_s, whole_s, ratios = [], [], []
