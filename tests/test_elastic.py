@@ -128,6 +128,10 @@ def test_an_elastic_run_loses_a_node_grows_back_and_is_preempted_training_each_i
     # A worker group start that counted the draining node gives up in 20 s, not Ray's 60 s
     # (Ray Train hands this from the driver to its controller).
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+    # Ray Train's default 2-s poll of its workers (conftest shortens it for the other tests)
+    # paces this run: a report every 2 steps waits for it, so the run lasts long enough for a
+    # node to return and the group to grow before it ends.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
     config = tiny(manifest, tmp_path / "elastic", workers=2, min_workers=1, epochs=3,
                   max_failures=1, max_preemptions=1, elastic_check_s=3.0,
                   sigterm_notice_s=5.0)  # fmt: skip
